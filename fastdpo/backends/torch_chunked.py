@@ -1,0 +1,85 @@
+"""Pure-PyTorch backend: runs anywhere, never materialises a full-size copy of the logits.
+
+Only the rows whose label is counted are gathered, a chunk at a time, upcast to float32 in a
+buffer of at most ``CHUNK_BYTES``; the shift is applied to the row indices, never by slicing
+and copying the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdpo.backends import Backend
+
+# Size of the float32 working buffer per chunk: large enough to amortise the per-chunk
+# overhead, small next to any logits tensor worth optimising (a 128k vocabulary row is 0.5 MB).
+CHUNK_BYTES = 16 * 2**20
+
+
+def _counted_rows(labels: torch.Tensor, ignore_index: int, shift: bool):
+    """Indices (n, t) of counted positions, the logits row each one reads, and its label."""
+    target = labels[:, 1:] if shift else labels
+    n_idx, t_idx = (target != ignore_index).nonzero(as_tuple=True)
+    return n_idx, t_idx, target[n_idx, t_idx]
+
+
+def _chunks(num_rows: int, vocab: int):
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    n, t, vocab = logits.shape
+    out_t = t - 1 if shift else t
+    device = logits.device
+    token_logps = torch.zeros(n, out_t, dtype=torch.float32, device=device)
+    lse = torch.zeros(n, out_t, dtype=torch.float32, device=device)
+    sequence_logps = torch.zeros(n, dtype=torch.float32, device=device)
+    logit_sums = torch.zeros(n, dtype=torch.float32, device=device)
+    n_idx, t_idx, target = _counted_rows(labels, ignore_index, shift)
+    for part in _chunks(n_idx.numel(), vocab):
+        rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
+        x = logits[rows_n, rows_t].float()  # [rows, V]: the only working buffer
+        row_lse = torch.logsumexp(x, dim=-1)
+        picked = x.gather(1, lab.unsqueeze(1)).squeeze(1) - row_lse
+        token_logps[rows_n, rows_t] = picked
+        lse[rows_n, rows_t] = row_lse
+        sequence_logps.index_add_(0, rows_n, picked)
+        logit_sums.index_add_(0, rows_n, x.sum(dim=-1))
+    return token_logps, lse, sequence_logps, logit_sums
+
+
+def backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    inplace: bool = False,
+):
+    vocab = logits.shape[-1]
+    n_idx, t_idx, target = _counted_rows(labels, ignore_index, shift)
+    if inplace:
+        # Counted rows are overwritten chunk by chunk after being read; the rest become zeros.
+        grad = logits
+        keep = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        keep[n_idx, t_idx] = True
+    else:
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+    for part in _chunks(n_idx.numel(), vocab):
+        rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
+        g = grad_rows[rows_n, rows_t]
+        x = logits[rows_n, rows_t].float()
+        # g * (onehot - softmax), computed in place in the float32 buffer
+        x.sub_(lse[rows_n, rows_t].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+        x[torch.arange(lab.numel(), device=x.device), lab] += g
+        grad[rows_n, rows_t] = x.to(grad.dtype)
+    if inplace:
+        grad[~keep] = 0
+    return grad
+
+
+def load() -> Backend:
+    return Backend("torch", forward, backward, supports=lambda device: True)

@@ -1,0 +1,174 @@
+"""``token_logps`` / ``sequence_logps``: argument checks, backend dispatch and autograd.
+
+One fused pass produces the per-token log-probs, the per-sequence sums and the logit sums
+for the ``logits/*`` metrics; one backward pass writes the gradient of the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from fastdpo.backends import Backend, get_backend, known_backends, why_unavailable
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that can run tensors on ``device`` on this machine."""
+    device = torch.device(device)
+    names = []
+    for name in known_backends():
+        backend = get_backend(name)
+        if backend is not None and backend.supports(device):
+            names.append(name)
+    return names
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Pick the backend for ``device``: ``auto`` prefers triton (CUDA), then native (CPU), then torch."""
+    if name == "auto":
+        order = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
+        for candidate in order:
+            backend = get_backend(candidate)
+            if backend is not None and backend.supports(device):
+                return backend
+    if name not in known_backends():
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + known_backends()}")
+    backend = get_backend(name)
+    if backend is None or not backend.supports(device):
+        reason = why_unavailable(name) or f"it does not run on {device.type} tensors"
+        raise ValueError(
+            f"backend {name!r} is not available here ({reason}); available for {device.type}: "
+            f"{available_backends(device)} (backend='auto' falls back to 'torch')"
+        )
+    return backend
+
+
+def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool) -> None:
+    """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("logits and labels must be torch.Tensors")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, T, V], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits [N, T] = {tuple(logits.shape[:2])}"
+        )
+    if logits.shape[-1] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary and sequence, got {tuple(logits.shape)}")
+    if shift and logits.shape[1] < 2:
+        raise ValueError("shift=True needs sequences of at least 2 positions (T >= 2)")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must have a contiguous last (vocabulary) dimension")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    target = labels[:, 1:] if shift else labels
+    counted = target[target != ignore_index]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= logits.shape[-1]):
+        bad = counted[(counted < 0) | (counted >= logits.shape[-1])][0].item()
+        raise ValueError(
+            f"label {bad} is outside [0, {logits.shape[-1]}) and is not ignore_index ({ignore_index})"
+        )
+
+
+@dataclass(frozen=True)
+class _Settings:
+    backend: Backend
+    ignore_index: int
+    shift: bool
+    inplace_backward: bool
+
+
+class _FusedLogps(torch.autograd.Function):
+    """(token_logps, sequence_logps, logit_sums) from one kernel pass; one pass back."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, settings: _Settings):
+        token_logps, lse, sequence_logps, logit_sums = settings.backend.forward(
+            logits, labels, settings.ignore_index, settings.shift
+        )
+        ctx.settings = settings
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(logit_sums)
+        return token_logps, sequence_logps, logit_sums
+
+    @staticmethod
+    def backward(ctx, grad_tokens, grad_sequences, _grad_logit_sums):
+        logits, labels, lse = ctx.saved_tensors
+        s: _Settings = ctx.settings
+        # Each counted position's log-prob feeds its own output and its sequence's sum.
+        grad_rows = torch.zeros_like(lse) if grad_tokens is None else grad_tokens.float()
+        if grad_sequences is not None:
+            grad_rows = grad_rows + grad_sequences.float().unsqueeze(1)
+        grad = s.backend.backward(logits, labels, lse, grad_rows, s.ignore_index, s.shift, s.inplace_backward)
+        return grad, None, None
+
+
+class FusedLogps(NamedTuple):
+    token_logps: torch.Tensor  # [N, T'] float32
+    sequence_logps: torch.Tensor  # [N] float32 sums
+    counts: torch.Tensor  # [N] int64: counted tokens per sequence
+    logit_sums: torch.Tensor  # [N] float32: sum of logits over counted rows and the vocabulary
+
+
+def fused_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> FusedLogps:
+    """Everything the DPO losses need from the logits, in one pass (see :class:`FusedLogps`)."""
+    check_inputs(logits, labels, ignore_index, shift)
+    labels = labels.long()
+    chosen = resolve_backend(backend, logits.device)
+    settings = _Settings(chosen, int(ignore_index), bool(shift), bool(inplace_backward))
+    token, sequence, logit_sums = _FusedLogps.apply(logits, labels, settings)
+    target = labels[:, 1:] if shift else labels
+    counts = (target != ignore_index).sum(-1)
+    return FusedLogps(token, sequence, counts, logit_sums)
+
+
+def token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probability of each labelled token, float32 ``[N, T-1]`` (``shift``) or ``[N, T]``.
+
+    ``logits`` ``[N, T, V]`` float32/bfloat16/float16 with a contiguous last dim; ``labels``
+    ``[N, T]`` integer. Entries whose label is ``ignore_index`` are 0. Differentiable w.r.t.
+    ``logits`` (the gradient has ``logits.dtype``).
+    """
+    return fused_logps(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend).token_logps
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    average: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence sum (or, with ``average``, mean) of the labelled tokens' log-probs, float32 ``[N]``.
+
+    Sequences with no counted token give 0 (never NaN) and a zero gradient.
+    """
+    out = fused_logps(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
+    if average:
+        return out.sequence_logps / out.counts.clamp(min=1)
+    return out.sequence_logps

@@ -1,0 +1,165 @@
+"""Preference losses: pure functions of per-sequence log-probs, named and defined as in TRL 1.16.
+
+With ``h_c = pi_c - ref_c``, ``h_r = pi_r - ref_r`` and ``d = h_c - h_r``; see DESIGN.md for the
+table of formulas. Rewards are ``beta * h``, detached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = (
+    "sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+    "sppo_hard", "aot", "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "simpo", "sft",
+)  # fmt: skip
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# As in TRL: other divergences only make sense for losses built on the (normalised) score difference.
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+def _scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
+    """f'(u) of the policy/reference ratio u = exp(logratios), as TRL's ``f_divergence_type``."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    # alpha_divergence: (u^(alpha-1) - 1) / (alpha-1), reverse KL in the limit alpha -> 1
+    if abs(alpha - 1.0) < 1e-6:
+        return logratios
+    t = torch.clamp((alpha - 1.0) * logratios.float(), max=80.0)  # keep exp finite
+    return ((torch.exp(t) - 1.0) / (alpha - 1.0)).to(logratios.dtype)
+
+
+def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _one_loss(loss_type: str, beta: float, eps: float, t: dict, opts: dict) -> torch.Tensor:
+    """Per-pair loss [B] of one loss type; ``t`` holds the shared intermediate tensors."""
+    h_c, h_r, d = t["h_c"], t["h_r"], t["d"]
+    if loss_type == "sigmoid":
+        return _smoothed_sigmoid(beta * d, eps)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * d)
+    if loss_type == "ipo":
+        return (t["s_c"] / t["n_c"] - t["s_r"] / t["n_r"] - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        return -F.logsigmoid(beta * (t["s_c"] / t["n_c"] - t["s_r"] / t["n_r"]))
+    if loss_type == "exo_pair":
+        z = beta * d
+        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(eps)
+        )
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * h_c) - 0.5 * F.logsigmoid(-beta * h_c) - 0.5 * F.logsigmoid(-beta * h_r)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * h_c) - F.logsigmoid(-beta * h_r)
+    if loss_type == "sppo_hard":
+        return (h_c - 0.5 / beta) ** 2 + (h_r + 0.5 / beta) ** 2
+    if loss_type == "aot":
+        pi_c, pi_r, ref_c, ref_r = t["pi_c"], t["pi_r"], t["ref_c"], t["ref_r"]
+        delta = torch.sort(pi_c - pi_r, dim=0).values - torch.sort(ref_c - ref_r, dim=0).values
+        return _smoothed_sigmoid(beta * delta, eps)
+    if loss_type in ("aot_unpaired", "aot_pair"):
+        delta = torch.sort(h_c, dim=0).values - torch.sort(h_r, dim=0).values
+        return _smoothed_sigmoid(beta * delta, eps)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * h_c) + torch.sigmoid(beta * h_r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * h_c) + 1 - torch.sigmoid(beta * d)
+    if loss_type == "discopop":
+        z = beta * d
+        m = torch.sigmoid(z / opts["discopop_tau"])
+        return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
+    if loss_type == "simpo":
+        z = beta * (t["pi_c"] / t["n_c"] - t["pi_r"] / t["n_r"]) - opts["simpo_gamma"]
+        return -F.logsigmoid(z)
+    if loss_type == "sft":
+        # Mean NLL over every chosen completion token of the batch, spread over the pairs.
+        nll = -t["pi_c"].sum() / t["n_c"].sum().clamp(min=1)
+        return nll.expand_as(t["pi_c"])
+    raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
+
+
+def check_loss_options(
+    loss_type: str | Sequence[str],
+    loss_weights: Sequence[float] | None,
+    beta: float,
+    label_smoothing: float,
+    f_divergence_type: str,
+) -> tuple[list[str], list[float]]:
+    """Validate the options shared by ``preference_loss`` and ``DPOLoss``; return (types, weights)."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        raise ValueError("loss_type must name at least one loss")
+    for name in types:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {name!r}; choose from {LOSS_TYPES}")
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if "robust" in types and label_smoothing >= 0.5:
+        raise ValueError("loss_type 'robust' needs label_smoothing < 0.5 (it divides by 1 - 2*eps)")
+    if "exo_pair" in types and label_smoothing <= 0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (1e-3 is the usual choice)")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {F_DIVERGENCES}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
+        raise ValueError(
+            f"f_divergence_type {f_divergence_type!r} works only with {sorted(F_DIVERGENCE_LOSSES)}, got {types}"
+        )
+    return types, weights
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_counts: torch.Tensor | None = None,
+    rejected_counts: torch.Tensor | None = None,
+    loss_weights: Sequence[float] | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses ``[B]`` and rewards ``beta * (pi - ref)`` (detached) from ``[B]`` log-probs.
+
+    ``chosen_counts`` / ``rejected_counts`` are the completion-token counts that ``ipo``,
+    ``sigmoid_norm``, ``simpo`` and ``sft`` normalise by (1 when omitted, i.e. the log-probs
+    are already averages). A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``.
+    """
+    types, weights = check_loss_options(loss_type, loss_weights, beta, label_smoothing, f_divergence_type)
+    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(x.shape) for x in tensors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"the four log-prob tensors must share one [B] shape, got {[tuple(x.shape) for x in tensors]}")
+    pi_c, pi_r, ref_c, ref_r = tensors
+    ones = torch.ones_like(pi_c)
+    n_c = ones if chosen_counts is None else chosen_counts.to(pi_c).clamp(min=1)
+    n_r = ones if rejected_counts is None else rejected_counts.to(pi_r).clamp(min=1)
+    h_c, h_r = pi_c - ref_c, pi_r - ref_r
+    s_c = _scores(h_c, f_divergence_type, f_alpha_divergence_coef)
+    s_r = _scores(h_r, f_divergence_type, f_alpha_divergence_coef)
+    shared = dict(pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r, h_c=h_c, h_r=h_r, d=s_c - s_r,
+                  s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r)  # fmt: skip
+    opts = dict(discopop_tau=discopop_tau, simpo_gamma=simpo_gamma)
+    losses = sum(w * _one_loss(name, beta, label_smoothing, shared, opts) for name, w in zip(types, weights))
+    return losses, (beta * h_c).detach(), (beta * h_r).detach()

@@ -1,0 +1,170 @@
+"""Every backend against the float64 ground truth and the reference: forward and gradient."""
+
+import pytest
+import torch
+from helpers import (
+    BACKENDS,
+    DTYPES,
+    GRAD_TOL,
+    LOGP_ATOL,
+    assert_close_verbose,
+    ground_truth_grad,
+    ground_truth_token_logps,
+    make_inputs,
+)
+
+from fastdpo import fused_logps, sequence_logps, token_logps
+from fastdpo.reference import reference_mean_logit_sums, reference_sequence_logps, reference_token_logps
+
+# (N, T, V): odd vocabularies, T of 1 and 2, a batch of one pair, a vocabulary past one SIMD block.
+SHAPES = [(2, 5, 7), (4, 9, 130), (2, 2, 33), (6, 13, 1000), (2, 4, 4099)]
+
+
+def _check_forward_and_grad(backend, logits, labels, *, ignore_index=-100, shift=True):
+    dtype = logits.dtype
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, ignore_index=ignore_index, shift=shift, backend=backend)
+    exact = ground_truth_token_logps(logits, labels, ignore_index=ignore_index, shift=shift)
+    t = exact.shape[1]
+    assert out.token_logps.dtype == torch.float32
+    assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
+    assert_close_verbose(out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * t, what="sequence_logps")
+    ref_sums = reference_mean_logit_sums(logits, labels, ignore_index=ignore_index, shift=shift)
+    assert_close_verbose(out.logit_sums, ref_sums, atol=1e-3 * logits.shape[-1] * t, rtol=1e-5, what="logit_sums")
+    # Gradient through both outputs at once, with distinct upstream weights.
+    gen = torch.Generator().manual_seed(1)
+    w_tok = torch.randn(out.token_logps.shape, generator=gen)
+    w_seq = torch.randn(out.sequence_logps.shape, generator=gen)
+    ((out.token_logps * w_tok).sum() + (out.sequence_logps * w_seq).sum()).backward()
+    expected = ground_truth_grad(logits, labels, w_tok + w_seq[:, None], ignore_index=ignore_index, shift=shift)
+    assert x.grad.dtype == dtype
+    rtol, atol = GRAD_TOL[dtype]
+    assert_close_verbose(x.grad, expected, atol=atol, rtol=rtol, what="grad")
+    return x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shift", [True, False])
+def test_parity(backend, dtype, shape, shift):
+    logits, labels = make_inputs(*shape, dtype)
+    _check_forward_and_grad(backend, logits, labels, shift=shift)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_t_equal_one_without_shift(backend, dtype):
+    logits, labels = make_inputs(2, 1, 11, dtype, ignore_frac=0.0)
+    _check_forward_and_grad(backend, logits, labels, shift=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_other_ignore_index(backend, ignore_index):
+    logits, labels = make_inputs(4, 8, 17, ignore_index=ignore_index)
+    labels[0, 2] = 3  # with ignore_index=3 a label equal to 3 is ignored, not scored
+    _check_forward_and_grad(backend, logits, labels, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_ignored_rows_give_zero_and_zero_grad(backend, dtype):
+    logits, labels = make_inputs(4, 6, 19, dtype)
+    labels[1] = -100
+    labels[2, 1:] = -100  # only the first label, which the shift never scores
+    x = logits.clone().requires_grad_(True)
+    seq = sequence_logps(x, labels, backend=backend, average=True)
+    assert torch.isfinite(seq).all()
+    assert seq[1] == 0 and seq[2] == 0
+    seq.sum().backward()
+    assert torch.isfinite(x.grad.float()).all()
+    assert (x.grad[1] == 0).all() and (x.grad[2] == 0).all()
+    # the last position of every row scores nothing under the shift: zero gradient there too
+    assert (x.grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_everything_ignored(backend):
+    logits, labels = make_inputs(2, 5, 9)
+    labels[:] = -100
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, backend=backend)
+    assert (out.token_logps == 0).all() and (out.sequence_logps == 0).all() and (out.counts == 0).all()
+    out.sequence_logps.sum().backward()
+    assert (x.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_view_logits(backend, dtype):
+    """Logits that are a view (padded vocabulary, every other time step): the kernel reads the
+    view in place and the gradient lands in the right places of the base tensor."""
+    big, _ = make_inputs(4, 14, 40, dtype)
+    base = big.clone().requires_grad_(True)
+    view = base[:, ::2, :37]  # row stride 80, vocabulary 37 of 40
+    assert not view.is_contiguous() and view.stride(-1) == 1
+    _, labels = make_inputs(4, 7, 37, seed=5)
+    out = fused_logps(view, labels, backend=backend)
+    logits = view.detach().contiguous()
+    exact = ground_truth_token_logps(logits, labels)
+    assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
+    w = torch.randn(out.token_logps.shape, generator=torch.Generator().manual_seed(2))
+    (out.token_logps * w).sum().backward()
+    rtol, atol = GRAD_TOL[dtype]
+    assert_close_verbose(base.grad[:, ::2, :37], ground_truth_grad(logits, labels, w), atol=atol, rtol=rtol, what="grad")
+    untouched = torch.ones_like(base.grad, dtype=torch.bool)
+    untouched[:, ::2, :37] = False
+    assert (base.grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_through_view_lands_in_base(backend):
+    base = torch.randn(2, 6, 24, requires_grad=True)
+    labels = torch.randint(0, 20, (2, 3))
+    seq = sequence_logps(base[:, ::2, :20], labels, backend=backend)
+    seq.sum().backward()
+    ref = base.detach().clone().requires_grad_(True)
+    reference_sequence_logps(ref[:, ::2, :20], labels).sum().backward()
+    torch.testing.assert_close(base.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_implementation(backend, dtype):
+    """The backend is at least as close to float64 as the plain reference path is."""
+    logits, labels = make_inputs(4, 16, 257, dtype)
+    exact = ground_truth_token_logps(logits, labels).sum(-1)
+    ours = sequence_logps(logits, labels, backend=backend)
+    ref = reference_sequence_logps(logits, labels)
+    torch.testing.assert_close(ours, ref, atol=LOGP_ATOL[dtype] * 16, rtol=0)
+    assert (ours.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_average(backend):
+    logits, labels = make_inputs(4, 10, 23)
+    labels[3] = -100
+    ours = sequence_logps(logits, labels, average=True, backend=backend)
+    ref = reference_sequence_logps(logits, labels, average=True)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert ours[3] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_stay_finite(backend):
+    """Online/stable log-sum-exp: logits of +-1e4 in float32 neither overflow nor NaN."""
+    logits, labels = make_inputs(2, 4, 50, scale=1e4)
+    x = logits.clone().requires_grad_(True)
+    out = sequence_logps(x, labels, backend=backend)
+    exact = ground_truth_token_logps(logits, labels).sum(-1)
+    torch.testing.assert_close(out.double(), exact, atol=1e-1, rtol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_reference_is_the_float32_log_softmax_path():
+    logits, labels = make_inputs(2, 6, 13)
+    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    expected = expected * (labels[:, 1:] != -100)
+    torch.testing.assert_close(reference_token_logps(logits, labels), expected)
