@@ -36,7 +36,10 @@ def native_extension():
             try:
                 super().build_extension(extension)
             except Exception as exc:  # no compiler, bad toolchain: keep the pure-Python package
-                print(f"fastdpo: native kernel not built ({exc}); the torch backend will be used", file=sys.stderr)
+                print(
+                    f"fastdpo: native kernel not built ({exc}); the torch backend will be used",
+                    file=sys.stderr,
+                )
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -45,7 +45,9 @@ class DPOOutput:
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows 0..B-1 are chosen, B..2B-1 rejected; an odd batch is an error."""
     if x.shape[0] % 2:
-        raise ValueError(f"the batch must hold chosen rows then rejected rows (even size), got {x.shape[0]} rows")
+        raise ValueError(
+            f"the batch must hold chosen rows then rejected rows (even size), got {x.shape[0]} rows"
+        )
     return x.chunk(2, dim=0)
 
 
@@ -134,7 +136,9 @@ class DPOLoss(nn.Module):
         n = policy.sequence_logps.shape[0]
         if ref_logits is not None:
             if ref_logits.shape[:2] != labels.shape:
-                raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} does not match labels {tuple(labels.shape)}")
+                raise ValueError(
+                    f"ref_logits shape {tuple(ref_logits.shape)} does not match labels {tuple(labels.shape)}"
+                )
             with torch.no_grad():
                 return self._sequence(self._logps(ref_logits, labels))
         if ref_logps is not None:

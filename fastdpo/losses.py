@@ -7,7 +7,7 @@ table of formulas. Rewards are ``beta * h``, detached.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,9 @@ def preference_loss(
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(x.shape) for x in tensors}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"the four log-prob tensors must share one [B] shape, got {[tuple(x.shape) for x in tensors]}")
+        raise ValueError(
+            f"the four log-prob tensors must share one [B] shape, got {[tuple(x.shape) for x in tensors]}"
+        )
     pi_c, pi_r, ref_c, ref_r = tensors
     ones = torch.ones_like(pi_c)
     n_c = ones if chosen_counts is None else chosen_counts.to(pi_c).clamp(min=1)

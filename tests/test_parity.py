@@ -13,7 +13,7 @@ from helpers import (
     make_inputs,
 )
 
-from fastdpo import fused_logps, sequence_logps, token_logps
+from fastdpo import fused_logps, sequence_logps
 from fastdpo.reference import reference_mean_logit_sums, reference_sequence_logps, reference_token_logps
 
 # (N, T, V): odd vocabularies, T of 1 and 2, a batch of one pair, a vocabulary past one SIMD block.
@@ -30,13 +30,17 @@ def _check_forward_and_grad(backend, logits, labels, *, ignore_index=-100, shift
     assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
     assert_close_verbose(out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * t, what="sequence_logps")
     ref_sums = reference_mean_logit_sums(logits, labels, ignore_index=ignore_index, shift=shift)
-    assert_close_verbose(out.logit_sums, ref_sums, atol=1e-3 * logits.shape[-1] * t, rtol=1e-5, what="logit_sums")
+    assert_close_verbose(
+        out.logit_sums, ref_sums, atol=1e-3 * logits.shape[-1] * t, rtol=1e-5, what="logit_sums"
+    )
     # Gradient through both outputs at once, with distinct upstream weights.
     gen = torch.Generator().manual_seed(1)
     w_tok = torch.randn(out.token_logps.shape, generator=gen)
     w_seq = torch.randn(out.sequence_logps.shape, generator=gen)
     ((out.token_logps * w_tok).sum() + (out.sequence_logps * w_seq).sum()).backward()
-    expected = ground_truth_grad(logits, labels, w_tok + w_seq[:, None], ignore_index=ignore_index, shift=shift)
+    expected = ground_truth_grad(
+        logits, labels, w_tok + w_seq[:, None], ignore_index=ignore_index, shift=shift
+    )
     assert x.grad.dtype == dtype
     rtol, atol = GRAD_TOL[dtype]
     assert_close_verbose(x.grad, expected, atol=atol, rtol=rtol, what="grad")
@@ -112,7 +116,9 @@ def test_strided_view_logits(backend, dtype):
     w = torch.randn(out.token_logps.shape, generator=torch.Generator().manual_seed(2))
     (out.token_logps * w).sum().backward()
     rtol, atol = GRAD_TOL[dtype]
-    assert_close_verbose(base.grad[:, ::2, :37], ground_truth_grad(logits, labels, w), atol=atol, rtol=rtol, what="grad")
+    assert_close_verbose(
+        base.grad[:, ::2, :37], ground_truth_grad(logits, labels, w), atol=atol, rtol=rtol, what="grad"
+    )
     untouched = torch.ones_like(base.grad, dtype=torch.bool)
     untouched[:, ::2, :37] = False
     assert (base.grad[untouched] == 0).all()
@@ -165,6 +171,22 @@ def test_large_logits_stay_finite(backend):
 
 def test_reference_is_the_float32_log_softmax_path():
     logits, labels = make_inputs(2, 6, 13)
-    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+        -1, labels[:, 1:].clamp(min=0)[..., None]
+    )[..., 0]
     expected = expected * (labels[:, 1:] != -100)
     torch.testing.assert_close(reference_token_logps(logits, labels), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_are_never_read(backend):
+    """Rows whose label is ignored may hold anything, NaN included: skipped, not computed and masked."""
+    logits, labels = make_inputs(2, 6, 9)
+    labels[0, 3] = -100
+    logits[0, 2] = float("nan")  # row 2 scores labels[0, 3], which is ignored
+    logits[1, -1] = float("nan")  # the last row scores nothing under the shift
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, backend=backend)
+    (out.sequence_logps.sum() + out.token_logps.sum()).backward()
+    assert torch.isfinite(out.sequence_logps).all() and torch.isfinite(out.token_logps).all()
+    assert torch.isfinite(out.logit_sums).all() and torch.isfinite(x.grad).all()

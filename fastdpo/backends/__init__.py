@@ -22,8 +22,8 @@ Every backend provides the same two kernels (plain functions, no autograd):
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

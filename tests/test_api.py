@@ -1,0 +1,221 @@
+"""DPOLoss, dispatch and bad input."""
+
+import pytest
+import torch
+from helpers import BACKENDS, make_inputs
+
+import fastdpo
+from fastdpo import DPOLoss, preference_loss, sequence_logps, token_logps
+from fastdpo.reference import reference_mean_logit_sums, reference_sequence_logps
+
+
+def dpo_batch(pairs=3, t=9, v=29, dtype=torch.float32, seed=0):
+    logits, labels = make_inputs(2 * pairs, t, v, dtype, seed=seed)
+    ref_logits, _ = make_inputs(2 * pairs, t, v, dtype, seed=seed + 1)
+    return logits, labels, ref_logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpo_loss_matches_reference_pipeline(backend):
+    logits, labels, ref_logits = dpo_batch()
+    x = logits.clone().requires_grad_(True)
+    out = DPOLoss(beta=0.2, backend=backend)(x, labels, ref_logits)
+    out.loss.backward()
+
+    y = logits.clone().requires_grad_(True)
+    pi = reference_sequence_logps(y, labels)
+    ref = reference_sequence_logps(ref_logits, labels)
+    losses, cr, rr = preference_loss(pi[:3], pi[3:], ref[:3], ref[3:], beta=0.2)
+    losses.mean().backward()
+
+    torch.testing.assert_close(out.loss, losses.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.chosen_rewards, cr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.policy_rejected_logps, pi[3:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_use_trl_names_and_values(backend):
+    logits, labels, ref_logits = dpo_batch()
+    out = DPOLoss(backend=backend)(logits, labels, ref_logits)
+    m = out.metrics()
+    assert set(m) == {
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+    }  # fmt: skip
+    assert all(isinstance(v, float) for v in m.values())
+    sums = reference_mean_logit_sums(logits, labels)
+    counts = (labels[:, 1:] != -100).sum(-1)
+    v = logits.shape[-1]
+    assert m["logits/chosen"] == pytest.approx(
+        sums[:3].sum().item() / (counts[:3].sum().item() * v), rel=1e-4
+    )
+    assert m["logits/rejected"] == pytest.approx(
+        sums[3:].sum().item() / (counts[3:].sum().item() * v), rel=1e-4
+    )
+    margins = out.chosen_rewards - out.rejected_rewards
+    assert m["rewards/margins"] == pytest.approx(margins.mean().item())
+    assert m["rewards/accuracies"] == pytest.approx((margins > 0).float().mean().item())
+
+
+def test_precomputed_ref_logps_equal_ref_logits():
+    logits, labels, ref_logits = dpo_batch()
+    ref_logps = reference_sequence_logps(ref_logits, labels)
+    a = DPOLoss()(logits, labels, ref_logits)
+    b = DPOLoss()(logits, labels, ref_logps=ref_logps)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_free_sets_reference_to_zero():
+    logits, labels, _ = dpo_batch()
+    out = DPOLoss(reference_free=True, beta=0.3)(logits, labels)
+    assert (out.ref_chosen_logps == 0).all()
+    torch.testing.assert_close(out.chosen_rewards, 0.3 * out.policy_chosen_logps)
+
+
+def test_average_log_prob_uses_means():
+    logits, labels, ref_logits = dpo_batch()
+    out = DPOLoss(average_log_prob=True)(logits, labels, ref_logits)
+    expected = reference_sequence_logps(logits, labels, average=True)[:3]
+    torch.testing.assert_close(out.policy_chosen_logps, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_list_and_sft_term():
+    logits, labels, ref_logits = dpo_batch()
+    out = DPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])(logits, labels, ref_logits)
+    base = DPOLoss()(logits, labels, ref_logits)
+    pi = reference_sequence_logps(logits, labels)[:3]
+    n = (labels[:3, 1:] != -100).sum()
+    torch.testing.assert_close(out.loss, base.loss + 0.5 * (-pi.sum() / n), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_logits_give_float32_outputs_and_native_dtype_grads(dtype):
+    logits, labels, ref_logits = dpo_batch(dtype=dtype)
+    x = logits.clone().requires_grad_(True)
+    out = DPOLoss()(x, labels, ref_logits)
+    out.loss.backward()
+    assert out.policy_chosen_logps.dtype == torch.float32 and x.grad.dtype == dtype
+
+
+def test_all_ignored_pair_gives_finite_loss_and_grad():
+    logits, labels, ref_logits = dpo_batch()
+    labels[0] = -100
+    labels[3] = -100
+    x = logits.clone().requires_grad_(True)
+    for loss_type in ("sigmoid", "ipo", "sigmoid_norm", "simpo"):
+        out = DPOLoss(loss_type=loss_type)(x, labels, ref_logits)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+        assert (x.grad[0] == 0).all() and (x.grad[3] == 0).all()
+
+
+def test_available_backends_lists_torch():
+    assert "torch" in fastdpo.available_backends()
+    assert "torch" in fastdpo.available_backends("cpu")
+
+
+def test_auto_backend_runs_on_cpu():
+    logits, labels = make_inputs(2, 5, 11)
+    torch.testing.assert_close(
+        sequence_logps(logits, labels), sequence_logps(logits, labels, backend="torch")
+    )
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_unknown_backend_names_the_choices():
+    logits, labels = make_inputs(2, 5, 11)
+    with pytest.raises(ValueError, match="unknown backend 'cuda_magic'.*'torch'"):
+        token_logps(logits, labels, backend="cuda_magic")
+
+
+def test_unavailable_backend_names_available_ones_and_fallback(monkeypatch):
+    from fastdpo import backends
+
+    monkeypatch.setitem(backends._loaded, "triton", None)
+    monkeypatch.setitem(backends._why_unavailable, "triton", "ModuleNotFoundError: No module named 'triton'")
+    logits, labels = make_inputs(2, 5, 11)
+    with pytest.raises(
+        ValueError, match=r"'triton' is not available.*No module named 'triton'.*'torch'.*falls back"
+    ):
+        token_logps(logits, labels, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (torch.randn(2, 5, 7), torch.randn(2, 5)), TypeError, "integer"),
+        (lambda: (torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.bool)), TypeError, "integer"),
+        (
+            lambda: (torch.randn(2, 5, 7).double(), torch.zeros(2, 5, dtype=torch.long)),
+            TypeError,
+            "float32, bfloat16",
+        ),
+        (
+            lambda: (torch.randint(0, 3, (2, 5, 7)), torch.zeros(2, 5, dtype=torch.long)),
+            TypeError,
+            "float32, bfloat16",
+        ),
+        (lambda: (torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long)), ValueError, "does not match"),
+        (lambda: (torch.randn(10, 7), torch.zeros(10, dtype=torch.long)), ValueError, r"\[N, T, V\]"),
+        (lambda: (torch.randn(2, 1, 7), torch.zeros(2, 1, dtype=torch.long)), ValueError, "T >= 2"),
+        (
+            lambda: (torch.randn(2, 5, 7).transpose(1, 2), torch.zeros(2, 7, dtype=torch.long)),
+            ValueError,
+            "contiguous last",
+        ),
+        (lambda: (torch.randn(2, 5, 7), torch.full((2, 5), 7)), ValueError, r"label 7 is outside \[0, 7\)"),
+        (lambda: (torch.randn(2, 5, 7), torch.full((2, 5), -1)), ValueError, r"label -1 is outside"),
+        (lambda: ("logits", torch.zeros(2, 5, dtype=torch.long)), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make, error, match):
+    logits, labels = make()
+    for backend in BACKENDS:
+        with pytest.raises(error, match=match):
+            token_logps(logits, labels, backend=backend)
+
+
+def test_out_of_range_label_at_an_unscored_position_is_fine():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.zeros(2, 5, dtype=torch.long)
+    labels[:, 0] = 99  # never scored under shift=True (the first token has no predecessor)
+    assert torch.isfinite(token_logps(logits, labels)).all()
+    with pytest.raises(ValueError, match="label 99"):
+        token_logps(logits, labels, shift=False)
+
+
+def test_odd_batch_raises():
+    logits, labels = make_inputs(3, 5, 7)
+    with pytest.raises(ValueError, match="even"):
+        DPOLoss(reference_free=True)(logits, labels)
+
+
+@pytest.mark.parametrize("refs", ["none", "both", "free_and_logits"])
+def test_exactly_one_reference(refs):
+    logits, labels, ref_logits = dpo_batch()
+    ref_logps = torch.zeros(6)
+    with pytest.raises(ValueError, match="exactly one reference"):
+        if refs == "none":
+            DPOLoss()(logits, labels)
+        elif refs == "both":
+            DPOLoss()(logits, labels, ref_logits, ref_logps=ref_logps)
+        else:
+            DPOLoss(reference_free=True)(logits, labels, ref_logits)
+
+
+def test_bad_ref_shapes_raise():
+    logits, labels, ref_logits = dpo_batch()
+    with pytest.raises(ValueError, match="ref_logps must be"):
+        DPOLoss()(logits, labels, ref_logps=torch.zeros(4))
+    with pytest.raises(ValueError, match="ref_logits shape"):
+        DPOLoss()(logits, labels, ref_logits[:, :-1])
+
+
+def test_bad_loss_options_raise_at_construction():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        DPOLoss(loss_type="dpo")
+    with pytest.raises(ValueError, match="beta"):
+        DPOLoss(beta=-1.0)

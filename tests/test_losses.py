@@ -1,0 +1,168 @@
+"""preference_loss: each loss type against a hand computation in plain Python floats."""
+
+import math
+
+import pytest
+import torch
+
+from fastdpo import LOSS_TYPES, preference_loss
+
+# Two pairs: (pi_c, pi_r, ref_c, ref_r, n_c, n_r)
+PAIRS = [(-10.0, -14.0, -11.0, -12.5, 4, 7), (-20.0, -18.0, -19.5, -19.0, 5, 3)]
+BETA, EPS = 0.5, 0.1
+
+
+def logsig(z):
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def sig(z):
+    return 1 / (1 + math.exp(-z))
+
+
+def hand(loss_type, pi_c, pi_r, ref_c, ref_r, n_c, n_r, *, beta=BETA, eps=EPS):
+    """The DESIGN.md table, one pair at a time, in plain floats (not aot/sft: batch-level)."""
+    h_c, h_r = pi_c - ref_c, pi_r - ref_r
+    d = h_c - h_r
+    z = beta * d
+    return {
+        "sigmoid": -(1 - eps) * logsig(z) - eps * logsig(-z),
+        "robust": (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps),
+        "hinge": max(0.0, 1 - z),
+        "ipo": (h_c / n_c - h_r / n_r - 1 / (2 * beta)) ** 2,
+        "sigmoid_norm": -logsig(beta * (h_c / n_c - h_r / n_r)),
+        "exo_pair": sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps)),
+        "nca_pair": -logsig(beta * h_c) - 0.5 * logsig(-beta * h_c) - 0.5 * logsig(-beta * h_r),
+        "bco_pair": -logsig(beta * h_c) - logsig(-beta * h_r),
+        "sppo_hard": (h_c - 1 / (2 * beta)) ** 2 + (h_r + 1 / (2 * beta)) ** 2,
+        "apo_zero": 1 - sig(beta * h_c) + sig(beta * h_r),
+        "apo_down": sig(beta * h_c) + 1 - sig(z),
+        "discopop": (1 - sig(z / 0.05)) * -logsig(z) + sig(z / 0.05) * math.exp(-z),
+        "simpo": -logsig(beta * (pi_c / n_c - pi_r / n_r) - 0.5),
+    }[loss_type]
+
+
+def run(loss_type, **kw):
+    cols = list(zip(*PAIRS))
+    pi_c, pi_r, ref_c, ref_r = (torch.tensor(c, dtype=torch.float64) for c in cols[:4])
+    n_c, n_r = (torch.tensor(c) for c in cols[4:])
+    kw.setdefault("beta", BETA)
+    kw.setdefault("label_smoothing", EPS)
+    return preference_loss(
+        pi_c, pi_r, ref_c, ref_r, loss_type=loss_type, chosen_counts=n_c, rejected_counts=n_r, **kw
+    )
+
+
+PER_PAIR = ["sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
+            "sppo_hard", "apo_zero", "apo_down", "discopop", "simpo"]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", PER_PAIR)
+def test_per_pair_losses_match_hand_computation(loss_type):
+    losses, chosen_rewards, rejected_rewards = run(loss_type)
+    expected = [hand(loss_type, *p) for p in PAIRS]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(
+        chosen_rewards, torch.tensor([BETA * (p[0] - p[2]) for p in PAIRS], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        rejected_rewards, torch.tensor([BETA * (p[1] - p[3]) for p in PAIRS], dtype=torch.float64)
+    )
+
+
+def test_sigmoid_without_smoothing_is_the_dpo_paper_loss():
+    # pair 0: h_c = 1, h_r = -1.5, d = 2.5; beta 0.5 -> -log sigmoid(1.25)
+    losses, _, _ = run("sigmoid", label_smoothing=0.0)
+    assert losses[0].item() == pytest.approx(math.log1p(math.exp(-1.25)), rel=1e-12)
+
+
+def test_aot_sorts_over_the_batch():
+    losses, _, _ = run("aot")
+    # pi_c - pi_r = [4, -2] -> sorted [-2, 4]; ref_c - ref_r = [1.5, -0.5] -> sorted [-0.5, 1.5]
+    deltas = [-2 - -0.5, 4 - 1.5]
+    expected = [-(1 - EPS) * logsig(BETA * x) - EPS * logsig(-BETA * x) for x in deltas]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["aot_unpaired", "aot_pair"])
+def test_aot_unpaired_sorts_chosen_and_rejected_ratios(name):
+    losses, _, _ = run(name)
+    # h_c = [1, -0.5] -> [-0.5, 1]; h_r = [-1.5, 1] -> [-1.5, 1]
+    deltas = [-0.5 - -1.5, 1 - 1]
+    expected = [-(1 - EPS) * logsig(BETA * x) - EPS * logsig(-BETA * x) for x in deltas]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_sft_is_mean_nll_of_chosen_tokens():
+    losses, _, _ = run("sft")
+    expected = (10.0 + 20.0) / (4 + 5)
+    torch.testing.assert_close(losses, torch.tensor([expected, expected], dtype=torch.float64))
+
+
+def test_list_of_loss_types_is_weighted_sum():
+    losses, _, _ = run(["sigmoid", "sft"], loss_weights=[0.8, 0.2])
+    sft = (10.0 + 20.0) / 9
+    expected = [0.8 * hand("sigmoid", *p) + 0.2 * sft for p in PAIRS]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_every_loss_type_is_covered_by_a_test():
+    batch_level = {"aot", "aot_unpaired", "aot_pair", "sft"}
+    assert set(LOSS_TYPES) == set(PER_PAIR) | batch_level
+
+
+@pytest.mark.parametrize(
+    "f_div, score",
+    [
+        ("forward_kl", lambda h: 1 - math.exp(-h)),
+        ("js_divergence", lambda h: math.log(2) + logsig(h)),
+        ("alpha_divergence", lambda h: (math.exp(-0.5 * h) - 1) / -0.5),  # alpha = 0.5
+    ],
+)
+def test_f_divergences_transform_the_log_ratios(f_div, score):
+    losses, _, _ = run("sigmoid", label_smoothing=0.0, f_divergence_type=f_div)
+    expected = []
+    for pi_c, pi_r, ref_c, ref_r, _, _ in PAIRS:
+        expected.append(-logsig(BETA * (score(pi_c - ref_c) - score(pi_r - ref_r))))
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_alpha_divergence_of_one_is_reverse_kl():
+    a, _, _ = run("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)
+    b, _, _ = run("sigmoid")
+    torch.testing.assert_close(a, b)
+
+
+def test_losses_are_differentiable():
+    pi = torch.tensor([-3.0, -4.0, -5.0, -2.0], requires_grad=True)
+    ref = torch.tensor([-3.5, -4.0, -4.0, -2.5])
+    losses, cr, rr = preference_loss(pi[:2], pi[2:], ref[:2], ref[2:], beta=0.1)
+    losses.mean().backward()
+    assert pi.grad is not None and torch.isfinite(pi.grad).all() and (pi.grad != 0).all()
+    assert not cr.requires_grad and not rr.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_type": "nope"}, "unknown loss_type"),
+        ({"loss_type": ["sigmoid", "nope"]}, "unknown loss_type"),
+        ({"loss_type": []}, "at least one"),
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights"),
+        ({"beta": 0.0}, "beta"),
+        ({"label_smoothing": 0.7}, "label_smoothing"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, "robust"),
+        ({"loss_type": "exo_pair", "label_smoothing": 0.0}, "exo_pair"),
+        ({"f_divergence_type": "tv"}, "f_divergence_type"),
+        ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, "works only with"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match=match):
+        preference_loss(x, x, x, x, **kwargs)
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(ValueError, match="share one"):
+        preference_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2))
