@@ -13,7 +13,7 @@ from fastdpo.backends import Backend
 
 # Size of the float32 working buffer per chunk: large enough to amortise the per-chunk
 # overhead, small next to any logits tensor worth optimising (a 128k vocabulary row is 0.5 MB).
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 4 * 2**20
 
 
 def _counted_rows(labels: torch.Tensor, ignore_index: int, shift: bool):

@@ -1,0 +1,22 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_usage_example_runs():
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_setup_commands_install_torch_cpu_first():
+    commands = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    setup = [c for c in commands if "python3 -m venv" in c]
+    assert len(setup) == 2
+    for command in setup:
+        assert command.index("pip install torch==2.13.0") < command.index("--no-build-isolation")
