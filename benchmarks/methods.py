@@ -20,8 +20,9 @@ SHAPES = {"llama2-32k": (4, 512, 32000), "llama3-128k": (2, 512, 128256)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_inputs(shape: str, dtype: str, seed: int = 0):
-    pairs, t, v = SHAPES[shape]
+def make_inputs(shape: tuple[int, int, int], dtype: str, seed: int = 0):
+    """Random logits ``[2 * pairs, T, V]`` (scale 2) and labels with ~30% ignored."""
+    pairs, t, v = shape
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(2 * pairs, t, v, generator=gen).mul_(2.0).to(DTYPES[dtype])
     labels = torch.randint(0, v, (2 * pairs, t), generator=gen)

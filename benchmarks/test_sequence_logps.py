@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-from benchmarks.memory import measure_in_subprocess
 from benchmarks.methods import (
     DTYPES,
     SHAPES,
@@ -22,6 +21,7 @@ from benchmarks.methods import (
     max_abs_error,
     run_once,
 )
+from benchmarks.probe import probe_in_subprocess
 
 ROUNDS = int(os.environ.get("FASTDPO_BENCH_ROUNDS", "3"))
 METHODS = available_methods()
@@ -32,7 +32,7 @@ METHODS = available_methods()
 )
 def inputs(request):
     shape, dtype = request.param
-    logits, labels = make_inputs(shape, dtype)
+    logits, labels = make_inputs(SHAPES[shape], dtype)
     return shape, dtype, (logits, labels), float64_sequence_logps(logits, labels)
 
 
@@ -42,7 +42,7 @@ def test_sequence_logps(benchmark, inputs, method, mode):
     shape, dtype, (logits, labels), exact = inputs
     benchmark.group = f"{shape} {dtype} {mode}"
     benchmark.extra_info.update(shape=shape, dtype=dtype, mode=mode, method=method)
-    benchmark.extra_info.update(measure_in_subprocess(method, shape, dtype, mode))
+    benchmark.extra_info.update(probe_in_subprocess(method, SHAPES[shape], dtype, mode))
     fn = METHODS[method]
     if mode == "forward":
         benchmark.extra_info["max_abs_error_vs_float64"] = max_abs_error(fn, logits, labels, exact)

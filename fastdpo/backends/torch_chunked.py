@@ -35,18 +35,23 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift
     device = logits.device
     token_logps = torch.zeros(n, out_t, dtype=torch.float32, device=device)
     lse = torch.zeros(n, out_t, dtype=torch.float32, device=device)
-    sequence_logps = torch.zeros(n, dtype=torch.float32, device=device)
-    logit_sums = torch.zeros(n, dtype=torch.float32, device=device)
+    # Per-sequence sums add hundreds of terms chunk by chunk: accumulate them in float64 so the
+    # order of addition does not cost accuracy (a few bytes per sequence).
+    sequence_logps = torch.zeros(n, dtype=torch.float64, device=device)
+    logit_sums = torch.zeros(n, dtype=torch.float64, device=device)
     n_idx, t_idx, target = _counted_rows(labels, ignore_index, shift)
     for part in _chunks(n_idx.numel(), vocab):
         rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
-        x = logits[rows_n, rows_t].float()  # [rows, V]: the only working buffer
-        row_lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(1, lab.unsqueeze(1)).squeeze(1) - row_lse
+        x = logits[rows_n, rows_t].float()  # [rows, V], a fresh copy: the only working buffer
+        logit_sums.index_add_(0, rows_n, x.sum(dim=-1, dtype=torch.float64))
+        label_logit = x.gather(1, lab.unsqueeze(1)).squeeze(1)
+        row_max = x.amax(dim=-1)
+        row_lse = x.sub_(row_max.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(row_max)
+        picked = label_logit - row_lse
         token_logps[rows_n, rows_t] = picked
         lse[rows_n, rows_t] = row_lse
-        sequence_logps.index_add_(0, rows_n, picked)
-        logit_sums.index_add_(0, rows_n, x.sum(dim=-1))
+        sequence_logps.index_add_(0, rows_n, picked.double())
+    sequence_logps, logit_sums = sequence_logps.float(), logit_sums.float()
     return token_logps, lse, sequence_logps, logit_sums
 
 
