@@ -149,7 +149,7 @@ def charts(rows: list[dict], plan: dict, out: pathlib.Path) -> list[pathlib.Path
                     xs, [p[1]["peak_extra_bytes"] / 2**20 for p in pts], marker="o", label=method
                 )
             axes[0][col].set(title=f"time, {dtype}, {fixed_key}={fixed}", ylabel="ms (median)", yscale="log")
-            axes[1][col].set(title=f"peak extra memory, {dtype}", ylabel="MiB", xlabel=axis, yscale="log")
+            axes[1][col].set(title=f"peak extra memory, {dtype}", ylabel="MiB", xlabel=axis)
             for ax in (axes[0][col], axes[1][col]):
                 ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)

@@ -6,6 +6,7 @@ for the ``logits/*`` metrics; one backward pass writes the gradient of the logit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,11 +31,12 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """Pick the backend for ``device``: ``auto`` prefers triton (CUDA), then native (CPU), then torch."""
     if name == "auto":
-        order = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
-        for candidate in order:
-            backend = get_backend(candidate)
-            if backend is not None and backend.supports(device):
-                return backend
+        kernel = "triton" if device.type == "cuda" else "native"
+        backend = get_backend(kernel)
+        if backend is not None and backend.supports(device):
+            return backend
+        _warn_fallback_once(kernel, device)
+        return get_backend("torch")
     if name not in known_backends():
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + known_backends()}")
     backend = get_backend(name)
@@ -45,6 +47,20 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             f"{available_backends(device)} (backend='auto' falls back to 'torch')"
         )
     return backend
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback_once(kernel: str, device: torch.device) -> None:
+    if kernel in _warned:
+        return
+    _warned.add(kernel)
+    reason = why_unavailable(kernel) or f"it does not run on {device.type} tensors"
+    warnings.warn(
+        f"fastdpo: the {kernel} backend is unavailable ({reason}); using the slower torch backend",
+        stacklevel=3,
+    )
 
 
 def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool) -> None:

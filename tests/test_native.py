@@ -1,0 +1,149 @@
+"""Specifics of the native C++ backend: op registration, gradcheck, determinism, bounds, in place."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import make_inputs
+
+from fastdpo import fused_logps, sequence_logps
+from fastdpo.backends import native
+
+native.load()
+ops = torch.ops.fastdpo
+
+
+def _op_args(n=3, t=6, v=37, dtype=torch.float32, shift=True):
+    logits, labels = make_inputs(n, t, v, dtype)
+    return logits, labels, -100, shift
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shift", [True, False])
+def test_opcheck_forward(dtype, shift):
+    logits, labels, ignore_index, _ = _op_args(dtype=dtype)
+    torch.library.opcheck(ops.logps_forward, (logits, labels, ignore_index, shift))
+    if dtype == torch.float32:  # also through the registered autograd
+        x = logits.clone().requires_grad_(True)
+        torch.library.opcheck(ops.logps_forward, (x, labels, ignore_index, shift))
+
+
+def test_opcheck_backward_ops():
+    logits, labels, ignore_index, shift = _op_args()
+    _, lse, _, _ = ops.logps_forward(logits, labels, ignore_index, shift)
+    grad_rows = torch.randn(lse.shape)
+    torch.library.opcheck(ops.logps_backward, (logits, labels, lse, grad_rows, ignore_index, shift))
+    torch.library.opcheck(ops.logps_backward_, (logits.clone(), labels, lse, grad_rows, ignore_index, shift))
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_gradcheck_float64(shift):
+    logits, labels = make_inputs(2, 5, 11)
+    x = logits.double().requires_grad_(True)
+
+    def f(z):
+        tok, _lse, seq, _sums = ops.logps_forward(z, labels, -100, shift)
+        return tok, seq
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_torch_compile_traces_the_ops():
+    logits, labels = make_inputs(2, 7, 19)
+    compiled = torch.compile(lambda x, y: sequence_logps(x, y, backend="native"), fullgraph=False)
+    torch.testing.assert_close(compiled(logits, labels), sequence_logps(logits, labels, backend="native"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_and_two_threads_are_bitwise_identical(dtype):
+    logits, labels = make_inputs(4, 33, 3001, dtype)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = logits.clone().requires_grad_(True)
+            out = fused_logps(x, labels, backend="native")
+            (out.sequence_logps.sum() + out.token_logps.sum()).backward()
+            results.append((out.token_logps, out.sequence_logps, out.logit_sums, x.grad))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [37, -1, 10**12])
+def test_cpp_rejects_out_of_range_labels_before_reading(bad):
+    logits, labels, ignore_index, shift = _op_args()
+    labels[1, 3] = bad
+    with pytest.raises(ValueError, match=f"label {bad} at \\[1, 3\\] is outside \\[0, 37\\)"):
+        ops.logps_forward(logits, labels, ignore_index, shift)
+    lse = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="is outside"):
+        ops.logps_backward(logits, labels, lse, torch.zeros(3, 5), ignore_index, shift)
+
+
+def test_cpp_checks_shapes_and_dtypes():
+    logits, labels, ignore_index, shift = _op_args()
+    with pytest.raises(RuntimeError, match="labels must have shape"):
+        ops.logps_forward(logits, labels[:, :-1].contiguous(), ignore_index, shift)
+    with pytest.raises(RuntimeError, match="labels must be Long"):
+        ops.logps_forward(logits, labels.int(), ignore_index, shift)
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        ops.logps_forward(logits.transpose(1, 2).contiguous().transpose(1, 2), labels, ignore_index, shift)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_matches_and_reuses_storage(dtype):
+    logits, labels = make_inputs(4, 9, 131, dtype)
+    x = logits.clone().requires_grad_(True)
+    fused_logps(x, labels, backend="native").sequence_logps.sum().backward()
+
+    y = logits.clone()
+    tok, lse, _, _ = native.forward(y, labels, -100, True)
+    grad = native.backward(y, labels, lse, torch.ones_like(tok), -100, True, inplace=True)
+    assert grad.data_ptr() == y.data_ptr()
+    assert torch.equal(grad, x.grad)
+
+
+def test_inplace_through_dpo_loss():
+    """Logits made by an LM head: in-place mode gives the same parameter gradients, and the
+    logits' storage ends up holding their gradient (no second [N, T, V] buffer)."""
+    from fastdpo import DPOLoss
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 9, 16, generator=gen)
+    head = torch.randn(131, 16, generator=gen)
+    _, labels = make_inputs(4, 9, 131)
+    ref = torch.zeros(4)
+    grads, logits_after = [], None
+    for inplace in (False, True):
+        w = head.clone().requires_grad_(True)
+        logits = hidden @ w.T
+        if not inplace:
+            logits.retain_grad()
+        DPOLoss(backend="native", inplace_backward=inplace)(logits, labels, ref_logps=ref).loss.backward()
+        grads.append(w.grad)
+        if inplace:
+            logits_after = logits.detach()
+        else:
+            expected_logits_grad = logits.grad
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(logits_after, expected_logits_grad)
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    from fastdpo import backends, logps
+
+    monkeypatch.setitem(backends._loaded, "native", None)
+    monkeypatch.setitem(backends._why_unavailable, "native", "ImportError: fastdpo._C was not built")
+    monkeypatch.setattr(logps, "_warned", set())
+    logits, labels = make_inputs(2, 5, 11)
+    with pytest.warns(
+        UserWarning, match=r"native backend is unavailable \(ImportError: fastdpo._C was not built\)"
+    ):
+        out = sequence_logps(logits, labels)
+    torch.testing.assert_close(out, sequence_logps(logits, labels, backend="torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sequence_logps(logits, labels)  # warned once, not every call
