@@ -50,15 +50,38 @@ def _compiled(logits, labels):
     return _compiled_reference(logits, labels)
 
 
+def _native_inplace(logits, labels):
+    """The native kernel with the opt-in in-place backward: the gradient overwrites the logits.
+
+    In a model the logits are an intermediate (the LM head's output) and the in-place gradient
+    flows on to the head's backward. Here they are a leaf, and autograd would clone a gradient
+    that aliases the leaf itself; passing them through a view keeps the benchmark honest.
+    """
+    x = logits.view_as(logits) if logits.requires_grad else logits
+    return fastdpo.fused_logps(x, labels, backend="native", inplace_backward=True).sequence_logps
+
+
+def _read_floor(logits, labels):
+    """One read pass over the logits (``amax``): the memory-bandwidth floor for the forward."""
+    return logits.amax(-1).sum(-1)
+
+
+# Methods that only make sense without autograd (not part of the forward+backward comparisons).
+FORWARD_ONLY = {"read-floor-amax"}
+
+
 def available_methods() -> dict[str, Callable]:
     """Every method this machine can run: fastdpo backends first, then the baselines."""
     methods = {}
     for backend in fastdpo.available_backends("cpu"):
         methods[f"fastdpo-{backend}"] = lambda x, y, b=backend: fastdpo.sequence_logps(x, y, backend=b)
+    if "fastdpo-native" in methods:
+        methods["fastdpo-native-inplace"] = _native_inplace
     methods["reference"] = reference_sequence_logps
     methods["reference-compiled"] = _compiled
     if importlib.util.find_spec("trl") is not None:
         methods["trl-selective-log-softmax"] = _trl_sequence_logps
+    methods["read-floor-amax"] = _read_floor
     return methods
 
 
@@ -71,7 +94,11 @@ def missing_methods() -> list[str]:
 
 
 def run_once(fn: Callable, logits: torch.Tensor, labels: torch.Tensor, mode: str) -> None:
-    """One call in ``mode``: ``forward`` (no autograd) or ``forward_backward``."""
+    """One call in ``mode``: ``forward`` (no autograd) or ``forward_backward``.
+
+    In-place methods overwrite ``logits`` with the gradient, so later calls see other values;
+    the work done, and so the time, does not depend on them.
+    """
     if mode == "forward":
         with torch.no_grad():
             fn(logits, labels)
