@@ -175,6 +175,53 @@ def test_compiled_kernels_use_64_bit_offsets_and_128_bit_loads():
         assert any(".v4." in op or ".v2." in op for op in stores), (dtype, stores)
 
 
+_TRACE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from functorch.compile import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fastdpo.backends import triton_kernels as tk
+
+    assert not tk.INTERPRETED
+    tk.load()
+    ops = torch.ops.fastdpo
+
+    def step(x, y):
+        _tok, lse, seq, _sums = ops.triton_logps_forward(x, y, -100, True)
+        return seq, ops.triton_logps_backward(x, y, lse, torch.ones_like(lse), -100, True)
+
+    class Captured(Exception):
+        pass
+
+    def capture(graph_module, _inputs):
+        print(graph_module.code)
+        raise Captured  # the graph is all we want: there is no GPU to run it on
+
+    with FakeTensorMode():  # fake CUDA tensors need no GPU
+        x = torch.empty(2, 5, 7, device="cuda", dtype=torch.bfloat16)
+        y = torch.zeros(2, 5, device="cuda", dtype=torch.long)
+        try:
+            aot_function(step, fw_compiler=capture)(x, y)
+        except Captured:
+            pass
+    """
+)
+
+
+def test_triton_op_path_decomposes_into_the_kernels_for_the_compiler():
+    """Without the interpreter (the GPU path) the ops are triton_ops: AOTAutograd, which
+    torch.compile runs before Inductor, sees the two Triton kernel launches themselves, with the
+    grids and block sizes of the heuristics, not an opaque op. Traced on fake CUDA tensors."""
+    result = _without_interpreter(_TRACE_SCRIPT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    graph = result.stdout
+    assert "fastdpo.triton_logps" not in graph
+    assert graph.count("triton_kernel_wrapper_functional(") == 2
+    assert "grid = [(8, 1, 1)]" in graph and "'row_sum_ptr'" in graph  # forward: N * T' programs
+    assert "grid = [(10, 1, 1)]" in graph and "'grad_rows_ptr'" in graph  # backward: N * T rows x 1 block
+    assert "'BLOCK_V': 16" in graph
+
+
 def test_available_only_on_cuda_without_the_interpreter():
     script = textwrap.dedent(
         """
