@@ -244,8 +244,7 @@ def test_available_only_on_cuda_without_the_interpreter():
 
 
 def test_available_under_the_interpreter_and_picked_by_auto_for_cuda():
-    assert tk.INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")
-    assert ("triton" in available_backends("cpu")) == tk.INTERPRETED
+    assert "triton" in available_backends("cpu")
     assert resolve_backend("auto", torch.device("cuda")).name == "triton"
 
 
