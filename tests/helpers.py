@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 # Every backend named here runs the whole parity suite; a new backend joins by adding its name.
-BACKENDS = ["torch", "native"]
+BACKENDS = ["torch", "native", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # Error allowed on a per-sequence / per-token log-prob (float32 accumulation over V and T).

@@ -1,0 +1,270 @@
+"""The ``triton`` backend: fused log-softmax-gather kernels for CUDA, written in Triton.
+
+Semantics are the backend contract in fastdpo/backends/__init__.py; the byte counts and the
+design are argued in docs/triton.md. In short:
+
+- forward: one program per output position; ignored positions write zeros after reading only
+  their label. Counted ones stream the logits row once in ``BLOCK_V`` blocks with an online
+  max / sum of exponentials in float32 and write the token log-prob, the row's log-sum-exp and
+  the row's logit sum. The per-sequence sums are then reduced by ``torch.sum`` over the
+  ``[N, T']`` rows in float64: a fixed order, no atomics, so results are bitwise reproducible.
+- backward: one program per (logits row, vocabulary block): ``g * (onehot(label) - exp(x - lse))``,
+  one read and one write per element; rows that score nothing get zeros without being read.
+
+All row offsets are computed in int64 (``N * T * V`` passes 2**31 at Llama-3 vocabularies).
+
+The kernels are registered as ``fastdpo::triton_logps_forward``, ``triton_logps_backward`` and
+``triton_logps_backward_`` (in place) through ``torch.library.triton_op`` + ``wrap_triton``,
+so ``torch.compile`` sees the kernels themselves. Under ``TRITON_INTERPRET=1`` (the CPU
+interpreter the tests use) there is no compiled kernel for the compiler to see and
+``wrap_triton`` cannot trace an interpreted one, so the same functions are registered as
+opaque ``torch.library.custom_op``s with fake implementations instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from fastdpo.backends import Backend
+
+# Elements of a row one program handles per step. 4096 float32 over 8 warps is 16 elements
+# (four 128-bit loads) per thread: enough in flight to saturate memory, few enough registers.
+# Under the interpreter the same blocks are numpy vectors, so the heuristic works there too
+# (autotuning cannot, since it benchmarks).
+MAX_BLOCK_V = 4096
+MIN_BLOCK_V = 16
+
+
+def launch_config(vocab: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab``: the whole row in one block when it
+    fits in ``MAX_BLOCK_V``, else ``MAX_BLOCK_V`` blocks; one warp per 512 elements, 1 to 8."""
+    if vocab < 1:
+        raise ValueError(f"vocabulary must be non-empty, got {vocab}")
+    block = max(MIN_BLOCK_V, min(MAX_BLOCK_V, triton.next_power_of_2(vocab)))
+    num_warps = max(1, min(8, block // 512))
+    return block, num_warps
+
+
+@triton.jit
+def _row_offset(n, t, stride_n, stride_t):
+    """Element offset of logits row (n, t), in int64 whatever the types of the indices."""
+    return n.to(tl.int64) * stride_n + t.to(tl.int64) * stride_t
+
+
+@triton.jit
+def _forward_kernel(
+    logits_ptr, labels_ptr, token_ptr, lse_ptr, row_sum_ptr,
+    T, T_out, V, stride_n, stride_t, ignore_index,
+    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    pos = tl.program_id(0).to(tl.int64)  # output position n * T_out + t
+    n = pos // T_out
+    t = pos - n * T_out
+    # The shift is an index: logits row t scores label t + 1.
+    label = tl.load(labels_ptr + n * T + t + SHIFT)
+    if label == ignore_index:
+        # Nothing to score: the row is never read (it may hold anything, NaN included).
+        tl.store(token_ptr + pos, 0.0)
+        tl.store(lse_ptr + pos, 0.0)
+        tl.store(row_sum_ptr + pos, 0.0)
+    else:
+        row_ptr = logits_ptr + _row_offset(n, t, stride_n, stride_t)
+        # Online log-sum-exp: a running max m and sum s of exp(x - m), rescaled when m grows,
+        # so each element is loaded once and exponentiated once, all in float32.
+        m = -float("inf")
+        s = 0.0
+        total = 0.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            x = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            total += tl.sum(tl.where(in_row, x, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        # One element, just streamed through the cache. Masked so that a label outside [0, V)
+        # (the public API rejects those before launching) gives NaN, not an out-of-bounds read.
+        label_ok = (label >= 0) & (label < V)
+        x_label = tl.load(row_ptr + label, mask=label_ok, other=float("nan")).to(tl.float32)
+        tl.store(token_ptr + pos, x_label - lse)
+        tl.store(lse_ptr + pos, lse)
+        tl.store(row_sum_ptr + pos, total)
+
+
+@triton.jit
+def _backward_kernel(
+    logits_ptr, labels_ptr, lse_ptr, grad_rows_ptr, grad_ptr,
+    T, T_out, V, stride_n, stride_t, grad_stride_n, grad_stride_t, ignore_index,
+    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # logits row n * T + t
+    n = row // T
+    t = row - n * T
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_row = cols < V
+    out_ptr = grad_ptr + _row_offset(n, t, grad_stride_n, grad_stride_t) + cols
+    # Under the shift the last row scores nothing (its label would be past the end).
+    scored = t < T_out
+    label = tl.load(labels_ptr + n * T + t + SHIFT, mask=scored, other=ignore_index)
+    if label == ignore_index:
+        tl.store(out_ptr, tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        pos = n * T_out + t
+        g = tl.load(grad_rows_ptr + pos)
+        lse = tl.load(lse_ptr + pos)
+        row_ptr = logits_ptr + _row_offset(n, t, stride_n, stride_t)
+        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        # d log_softmax(x)[label] / dx = onehot(label) - softmax(x), softmax from the saved lse.
+        grad = -g * tl.exp(x - lse)
+        grad = tl.where(cols == label, grad + g, grad)
+        # In place, out_ptr is this same block of logits: read above, written once here.
+        tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _out_len(time: int, shift: bool) -> int:
+    return time - 1 if shift else time
+
+
+def _forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, time, vocab = logits.shape
+    out_t = _out_len(time, shift)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    token_logps = torch.empty(n, out_t, **f32)
+    lse = torch.empty(n, out_t, **f32)
+    row_sums = torch.empty(n, out_t, **f32)
+    if n * out_t > 0:
+        block, warps = launch_config(vocab)
+        wrap_triton(_forward_kernel)[(n * out_t,)](
+            logits, labels, token_logps, lse, row_sums,
+            time, out_t, vocab, logits.stride(0), logits.stride(1), ignore_index,
+            SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    # Deterministic reduction: a plain sum over rows in float64 (a few bytes per position).
+    sequence_logps = token_logps.sum(-1, dtype=torch.float64).float()
+    logit_sums = row_sums.sum(-1, dtype=torch.float64).float()
+    return token_logps, lse, sequence_logps, logit_sums
+
+
+def _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, grad) -> None:
+    n, time, vocab = logits.shape
+    if n * time == 0:
+        return
+    block, warps = launch_config(vocab)
+    grid = (n * time, triton.cdiv(vocab, block))
+    wrap_triton(_backward_kernel)[grid](
+        logits, labels, lse, grad_rows, grad,
+        time, _out_len(time, shift), vocab, logits.stride(0), logits.stride(1),
+        grad.stride(0), grad.stride(1), ignore_index,
+        SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def _backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, grad)
+    return grad
+
+
+def _backward_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+) -> None:
+    _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, logits)
+
+
+def _fake_forward(logits, labels, ignore_index, shift):
+    n, time, _ = logits.shape
+    out_t = _out_len(time, shift)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (logits.new_empty(n, out_t, **f32), logits.new_empty(n, out_t, **f32),
+            logits.new_empty(n, **f32), logits.new_empty(n, **f32))  # fmt: skip
+
+
+def _fake_backward(logits, labels, lse, grad_rows, ignore_index, shift):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _fake_backward_(logits, labels, lse, grad_rows, ignore_index, shift):
+    return None
+
+
+INTERPRETED = not isinstance(_forward_kernel, triton.runtime.jit.JITFunction)
+_ops = None
+
+
+def _define(name: str, fn, fake, mutates_args=()):
+    """A ``triton_op`` when the kernels compile; under the interpreter an opaque ``custom_op``."""
+    if not INTERPRETED:
+        return torch.library.triton_op(name, fn, mutates_args=mutates_args)
+    op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+    op.register_fake(fake)
+    return op
+
+
+def _register():
+    """Define the three ops once, and autograd for the forward op (so it works on its own)."""
+    global _ops
+    if _ops is not None:
+        return _ops
+    forward_op = _define("fastdpo::triton_logps_forward", _forward, _fake_forward)
+    backward_op = _define("fastdpo::triton_logps_backward", _backward, _fake_backward)
+    backward_op_ = _define("fastdpo::triton_logps_backward_", _backward_, _fake_backward_, ("logits",))
+
+    def setup_context(ctx, inputs, output):
+        logits, labels, ignore_index, shift = inputs
+        ctx.save_for_backward(logits, labels, output[1])
+        ctx.ignore_index, ctx.shift = ignore_index, shift
+
+    def backward(ctx, grad_tokens, _grad_lse, grad_sequences, _grad_logit_sums):
+        logits, labels, lse = ctx.saved_tensors
+        grad_rows = torch.zeros_like(lse) if grad_tokens is None else grad_tokens.float()
+        if grad_sequences is not None:
+            grad_rows = grad_rows + grad_sequences.float().unsqueeze(1)
+        grad = backward_op(logits, labels, lse, grad_rows.contiguous(), ctx.ignore_index, ctx.shift)
+        return grad, None, None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    _ops = (forward_op, backward_op, backward_op_)
+    return _ops
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    forward_op, _, _ = _register()
+    return forward_op(logits, labels.contiguous(), ignore_index, shift)
+
+
+def backward(logits, labels, lse, grad_rows, ignore_index, shift, inplace=False):
+    _, backward_op, backward_op_ = _register()
+    labels, lse, grad_rows = labels.contiguous(), lse.contiguous(), grad_rows.contiguous()
+    if inplace:
+        backward_op_(logits, labels, lse, grad_rows, ignore_index, shift)
+        return logits
+    return backward_op(logits, labels, lse, grad_rows, ignore_index, shift)
+
+
+def supports(device: torch.device) -> bool:
+    """CUDA tensors with compiled kernels; CPU tensors only under ``TRITON_INTERPRET=1``
+    (which must be set before triton is first imported, as triton reads it then)."""
+    return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
+
+
+def load() -> Backend:
+    _register()
+    return Backend("triton", forward, backward, supports=supports)
