@@ -7,6 +7,8 @@ shift and ~30% of labels ignored. ``make(name)(inputs) -> (loss, policy_logps [2
 
 - ``fastdpo-fused-linear``: ``FusedLinearDPOLoss`` (tile kernels from the native backend when
   built); ``fastdpo-fused-linear-torch`` the same with the pure-torch tile kernels.
+- ``unfused-reference``: the naive pipeline: the LM-head matmul in the model's dtype, then the
+  plain reference (float32 ``log_softmax`` of all the logits, gather, mask, sum) and the loss.
 - ``unfused-native``: the LM-head matmul in the model's dtype, then ``DPOLoss`` on the logits
   (native kernel, in-place backward): the best the logits API can do.
 - ``trl-chunked-logprob``: TRL 1.16's ``ChunkedLogProbFunction``, called the way TRL's
@@ -80,6 +82,16 @@ def _unfused_native(x):
     return out.loss, torch.cat([out.policy_chosen_logps, out.policy_rejected_logps])
 
 
+def _unfused_reference(x):
+    from fastdpo.reference import reference_sequence_logps
+
+    with torch.no_grad():
+        ref = reference_sequence_logps(x["ref_hidden"] @ x["weight"].T, x["labels"])
+    policy = reference_sequence_logps(x["hidden"] @ x["weight"].T, x["labels"])
+    losses, _, _ = fastdpo.preference_loss(*policy.chunk(2), *ref.chunk(2), beta=BETA)
+    return losses.mean(), policy
+
+
 def _trl_sequence_logps(hidden, weight, labels):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
@@ -128,6 +140,7 @@ def available_methods() -> dict[str, Callable]:
     if "native" in fastdpo.available_backends("cpu"):
         methods["fastdpo-fused-linear"] = _fastdpo("native")
     methods["fastdpo-fused-linear-torch"] = _fastdpo("torch")
+    methods["unfused-reference"] = _unfused_reference
     methods["unfused-native" if "native" in fastdpo.available_backends("cpu") else "unfused-torch"] = (
         _unfused_native
     )
