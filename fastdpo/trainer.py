@@ -191,7 +191,11 @@ class DPOTrainer:
             disable_dropout(self.model)
         if c.gradient_checkpointing:
             self.model.config.use_cache = False
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         reason = fused_linear_reason(self.model)
         if c.fused_linear and reason:
             raise ValueError(f"fused_linear=True but the fused linear path cannot run this model: {reason}")
