@@ -11,13 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdpo.linear import linear_sequence_logps
 from fastdpo.logps import sequence_logps
-from fastdpo.loss import DPOLoss, DPOOutput
-
-try:  # the fused linear path lands in fastdpo.linear; until then only the logits path exists
-    from fastdpo.linear import FusedLinearDPOLoss, linear_sequence_logps
-except ImportError:  # pragma: no cover - depends on the build
-    FusedLinearDPOLoss = linear_sequence_logps = None
+from fastdpo.loss import DPOLoss, DPOOutput, FusedLinearDPOLoss
 
 # Config attributes with which a model's logits are not ``hidden @ W.T + b`` (as in TRL's fused head).
 LOGIT_TRANSFORMS = (
@@ -27,8 +23,6 @@ LOGIT_TRANSFORMS = (
 
 def fused_linear_reason(model: nn.Module) -> str | None:
     """``None`` when the fused linear path reproduces ``model``'s logits, else why it cannot."""
-    if FusedLinearDPOLoss is None:
-        return "fastdpo.FusedLinearDPOLoss is not available in this build"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear:
         return f"the output embeddings are {type(head).__name__}, not a plain nn.Linear"

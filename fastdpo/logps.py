@@ -63,35 +63,49 @@ def _warn_fallback_once(kernel: str, device: torch.device) -> None:
     )
 
 
-def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool) -> None:
-    """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
-    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("logits and labels must be torch.Tensors")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+def check_labels(
+    labels: torch.Tensor,
+    rows: tuple[int, ...],
+    vocab: int,
+    ignore_index: int,
+    shift: bool,
+    device: torch.device,
+    scores: str = "logits",
+) -> None:
+    """Labels ``[N, T]`` integer on ``device``, matching ``rows`` = (N, T) of what ``scores`` them,
+    and every counted one inside ``[0, vocab)``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError("labels must be a torch.Tensor")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [N, T, V], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits [N, T] = {tuple(logits.shape[:2])}"
-        )
-    if logits.shape[-1] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"logits must have a non-empty vocabulary and sequence, got {tuple(logits.shape)}")
-    if shift and logits.shape[1] < 2:
+    if tuple(labels.shape) != tuple(rows):
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match {scores} [N, T] = {tuple(rows)}")
+    if rows[1] == 0:
+        raise ValueError(f"sequences must not be empty, got {scores} [N, T] = {tuple(rows)}")
+    if shift and rows[1] < 2:
         raise ValueError("shift=True needs sequences of at least 2 positions (T >= 2)")
-    if logits.stride(-1) != 1:
-        raise ValueError("logits must have a contiguous last (vocabulary) dimension")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {scores} are on {device}")
     target = labels[:, 1:] if shift else labels
     counted = target[target != ignore_index]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= logits.shape[-1]):
-        bad = counted[(counted < 0) | (counted >= logits.shape[-1])][0].item()
-        raise ValueError(
-            f"label {bad} is outside [0, {logits.shape[-1]}) and is not ignore_index ({ignore_index})"
-        )
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
+        bad = counted[(counted < 0) | (counted >= vocab)][0].item()
+        raise ValueError(f"label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
+
+
+def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool) -> None:
+    """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError("logits must be a torch.Tensor")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, T, V], got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary, got {tuple(logits.shape)}")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must have a contiguous last (vocabulary) dimension")
+    check_labels(labels, logits.shape[:2], logits.shape[-1], ignore_index, shift, logits.device)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``DPOLoss``: the DPO loss family on logits, with TRL's batch layout and metric names."""
+"""``DPOLoss`` (on logits) and ``FusedLinearDPOLoss`` (on hidden states and the LM head): the DPO
+loss family with TRL's batch layout and metric names."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdpo.logps import fused_logps
+from fastdpo.linear import fused_linear_logps
+from fastdpo.logps import FusedLogps, fused_logps
 from fastdpo.losses import check_loss_options, preference_loss
 
 
@@ -58,17 +60,8 @@ def mean_logits(logit_sums: torch.Tensor, counts: torch.Tensor, vocab: int) -> t
     return tuple(s / (n * vocab) if n else 0.0 for s, n in zip(sums, tokens))
 
 
-class DPOLoss(nn.Module):
-    """DPO (and the TRL loss family) on ``[2B, T, V]`` policy logits.
-
-    ``forward(policy_logits, labels, ref_logits=None, *, ref_logps=None) -> DPOOutput``.
-    Rows ``0..B-1`` of the batch are chosen, ``B..2B-1`` rejected (row ``i`` pairs with ``i+B``).
-    The reference is exactly one of ``ref_logits`` (same shape, no gradient), ``ref_logps``
-    (``[2B]`` precomputed) or ``reference_free=True``. With ``average_log_prob`` the sequence
-    log-probs are per-token means, and losses that normalise by length use them as they are.
-    ``inplace_backward`` lets the backward write the gradient into the policy logits' storage
-    (for callers that no longer need the logits; backends without it allocate as usual).
-    """
+class _DPOLossBase(nn.Module):
+    """Options, reference handling and the loss shared by :class:`DPOLoss` and :class:`FusedLinearDPOLoss`."""
 
     def __init__(
         self,
@@ -86,14 +79,12 @@ class DPOLoss(nn.Module):
         discopop_tau: float = 0.05,
         simpo_gamma: float = 0.5,
         shift: bool = True,
-        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         check_loss_options(loss_type, loss_weights, beta, label_smoothing, f_divergence_type)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference_free, self.average_log_prob = reference_free, average_log_prob
         self.ignore_index, self.backend, self.shift = ignore_index, backend, shift
-        self.inplace_backward = inplace_backward
         self.loss_options = dict(
             loss_weights=loss_weights,
             f_divergence_type=f_divergence_type,
@@ -102,46 +93,26 @@ class DPOLoss(nn.Module):
             simpo_gamma=simpo_gamma,
         )
 
-    def _logps(self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False):
-        return fused_logps(
-            logits, labels, ignore_index=self.ignore_index, shift=self.shift, backend=self.backend,
-            inplace_backward=inplace,
-        )  # fmt: skip
-
-    def _sequence(self, out) -> torch.Tensor:
+    def _sequence(self, out: FusedLogps) -> torch.Tensor:
         return out.sequence_logps / out.counts.clamp(min=1) if self.average_log_prob else out.sequence_logps
 
-    def forward(
-        self,
-        policy_logits: torch.Tensor,
-        labels: torch.Tensor,
-        ref_logits: torch.Tensor | None = None,
-        *,
-        ref_logps: torch.Tensor | None = None,
-    ) -> DPOOutput:
-        given = sum(x is not None for x in (ref_logits, ref_logps)) + bool(self.reference_free)
+    def _check_one_reference(self, ref_inputs: str, given_inputs, ref_logps) -> None:
+        given = (given_inputs is not None) + (ref_logps is not None) + bool(self.reference_free)
         if given != 1:
             raise ValueError(
-                "give exactly one reference: ref_logits, ref_logps, or reference_free=True "
-                f"(got ref_logits={'set' if ref_logits is not None else None}, "
+                f"give exactly one reference: {ref_inputs}, ref_logps, or reference_free=True "
+                f"(got {ref_inputs}={'set' if given_inputs is not None else None}, "
                 f"ref_logps={'set' if ref_logps is not None else None}, reference_free={self.reference_free})"
             )
-        split_pairs(policy_logits)
-        policy = self._logps(policy_logits, labels, self.inplace_backward)
-        reference = self.reference_sequence_logps(policy, labels, ref_logits, ref_logps)
-        return self.loss_from_logps(policy, reference, policy_logits.shape[-1])
 
-    def reference_sequence_logps(self, policy, labels, ref_logits, ref_logps) -> torch.Tensor:
-        """``[2B]`` reference log-probs from whichever reference was given (zeros if reference-free)."""
-        n = policy.sequence_logps.shape[0]
-        if ref_logits is not None:
-            if ref_logits.shape[:2] != labels.shape:
-                raise ValueError(
-                    f"ref_logits shape {tuple(ref_logits.shape)} does not match labels {tuple(labels.shape)}"
-                )
+    def _reference(self, policy: FusedLogps, compute, ref_logps) -> torch.Tensor:
+        """``[2B]`` reference log-probs: ``compute()`` (a fused pass, run without autograd),
+        precomputed ``ref_logps``, or zeros when reference-free."""
+        if compute is not None:
             with torch.no_grad():
-                return self._sequence(self._logps(ref_logits, labels))
+                return self._sequence(compute())
         if ref_logps is not None:
+            n = policy.sequence_logps.shape[0]
             if ref_logps.shape != (n,):
                 raise ValueError(f"ref_logps must be [2B] = [{n}], got {tuple(ref_logps.shape)}")
             return ref_logps.detach().float()
@@ -172,3 +143,99 @@ class DPOLoss(nn.Module):
             mean_chosen_logit=mean_c,
             mean_rejected_logit=mean_r,
         )
+
+
+class DPOLoss(_DPOLossBase):
+    """DPO (and the TRL loss family) on ``[2B, T, V]`` policy logits.
+
+    ``forward(policy_logits, labels, ref_logits=None, *, ref_logps=None) -> DPOOutput``.
+    Rows ``0..B-1`` of the batch are chosen, ``B..2B-1`` rejected (row ``i`` pairs with ``i+B``).
+    The reference is exactly one of ``ref_logits`` (same shape, no gradient), ``ref_logps``
+    (``[2B]`` precomputed) or ``reference_free=True``. With ``average_log_prob`` the sequence
+    log-probs are per-token means, and losses that normalise by length use them as they are.
+    ``inplace_backward`` lets the backward write the gradient into the policy logits' storage
+    (for callers that no longer need the logits; backends without it allocate as usual).
+    """
+
+    def __init__(self, *args, inplace_backward: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inplace_backward = inplace_backward
+
+    def _logps(self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False) -> FusedLogps:
+        return fused_logps(
+            logits, labels, ignore_index=self.ignore_index, shift=self.shift, backend=self.backend,
+            inplace_backward=inplace,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        policy_logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logits: torch.Tensor | None = None,
+        *,
+        ref_logps: torch.Tensor | None = None,
+    ) -> DPOOutput:
+        self._check_one_reference("ref_logits", ref_logits, ref_logps)
+        split_pairs(policy_logits)
+        if ref_logits is not None and ref_logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"ref_logits shape {tuple(ref_logits.shape)} does not match labels {tuple(labels.shape)}"
+            )
+        policy = self._logps(policy_logits, labels, self.inplace_backward)
+        compute = None if ref_logits is None else (lambda: self._logps(ref_logits, labels))
+        return self.loss_from_logps(
+            policy, self._reference(policy, compute, ref_logps), policy_logits.shape[-1]
+        )
+
+
+class FusedLinearDPOLoss(_DPOLossBase):
+    """:class:`DPOLoss` computed from the last hidden states and the LM head, without logits.
+
+    ``forward(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
+    ref_bias=None, ref_logps=None) -> DPOOutput`` gives the same results as
+    ``DPOLoss()(hidden @ weight.T + bias, labels, ...)``, but the ``[2B, T, V]`` logits never exist
+    (see fastdpo/linear_tiles.py). ``hidden`` is ``[2B, T, H]`` (chosen rows, then rejected
+    rows), ``weight`` ``[V, H]``, ``bias`` ``[V]``. The reference is exactly one of
+    ``ref_hidden`` (with ``ref_weight`` / ``ref_bias``, which default to the policy's head, for
+    a shared frozen head), ``ref_logps`` (``[2B]``) or ``reference_free=True``. Gradients flow to
+    ``hidden``, ``weight`` and ``bias``. Options are those of :class:`DPOLoss`.
+    """
+
+    def _logps(self, hidden, weight, labels, bias) -> FusedLogps:
+        return fused_linear_logps(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            backend=self.backend,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+    ) -> DPOOutput:
+        self._check_one_reference("ref_hidden", ref_hidden, ref_logps)
+        if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+            raise ValueError("ref_weight / ref_bias need ref_hidden (the reference model's hidden states)")
+        split_pairs(hidden)
+        if ref_hidden is not None and ref_hidden.shape[:2] != labels.shape:
+            raise ValueError(
+                f"ref_hidden shape {tuple(ref_hidden.shape)} does not match labels {tuple(labels.shape)}"
+            )
+        policy = self._logps(hidden, weight, labels, bias)
+        compute = None
+        if ref_hidden is not None:
+            head = weight if ref_weight is None else ref_weight
+            head_bias = bias if ref_weight is None and ref_bias is None else ref_bias
+            compute = lambda: self._logps(ref_hidden, head, labels, head_bias)  # noqa: E731
+        return self.loss_from_logps(policy, self._reference(policy, compute, ref_logps), weight.shape[0])

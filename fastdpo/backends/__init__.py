@@ -17,6 +17,19 @@ Every backend provides the same two kernels (plain functions, no autograd):
     Returns ``grad_rows * (onehot(label) - softmax(logits))`` for counted rows and 0 elsewhere
     (including logits rows the shift leaves unused), in ``logits.dtype``. With ``inplace=True``
     the backend may write the gradient into ``logits``' own storage and return that tensor.
+
+Two tile kernels serve the fused linear path (fastdpo/linear_tiles.py), which projects hidden
+states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
+
+``lse_fold(tile, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)``
+    Folds the tile into each row's online log-sum-exp (all ``[rows]`` float32):
+    ``new_max = max(running_max, max(tile))``, ``rescale = exp(running_max - new_max)`` (0 while
+    ``running_max`` is ``-inf``), ``new_sum = running_sum * rescale + sum(exp(tile - new_max))``,
+    and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``.
+
+``softmax_grad_tile(tile, labels_local, lse, grad_rows) -> None``
+    Overwrites ``tile`` with ``grad_rows * (onehot(labels_local) - exp(tile - lse))``; a label
+    outside ``[0, tile.shape[1])`` belongs to another vocabulary block.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ class Backend:
     name: str
     forward: Callable
     backward: Callable
+    lse_fold: Callable
+    softmax_grad_tile: Callable
     supports: Callable[[torch.device], bool]  # can this backend run tensors on that device?
 
 

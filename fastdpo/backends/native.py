@@ -1,5 +1,6 @@
 """The ``native`` backend: the C++ kernels of csrc/ (``fastdpo._C``), registered as
-``torch.library`` ops ``fastdpo::logps_forward`` / ``logps_backward`` / ``logps_backward_``.
+``torch.library`` ops ``fastdpo::logps_forward`` / ``logps_backward`` / ``logps_backward_``, and
+the fused linear path's tile ops ``fastdpo::lse_fold_`` / ``softmax_grad_tile_``.
 
 This module adds what the C++ side cannot: fake (meta) implementations so the ops trace under
 ``torch.compile``, and autograd for the forward op so it can be used (and ``opcheck``-ed) on
@@ -40,6 +41,14 @@ def _register() -> None:
     def _(logits, labels, lse, grad_rows, ignore_index, shift):
         return None
 
+    @torch.library.register_fake("fastdpo::lse_fold_")
+    def _(tile, running_max, running_sum):
+        return tuple(torch.empty_like(running_max) for _ in range(4))
+
+    @torch.library.register_fake("fastdpo::softmax_grad_tile_")
+    def _(tile, labels_local, lse, grad_rows):
+        return None
+
     def setup_context(ctx, inputs, output):
         logits, labels, ignore_index, shift = inputs
         ctx.save_for_backward(logits, labels, output[1])
@@ -71,6 +80,16 @@ def backward(logits, labels, lse, grad_rows, ignore_index, shift, inplace=False)
     return torch.ops.fastdpo.logps_backward(logits, labels, lse, grad_rows, ignore_index, shift)
 
 
+def lse_fold(tile, running_max, running_sum):
+    return torch.ops.fastdpo.lse_fold_(tile, running_max, running_sum)
+
+
+def softmax_grad_tile(tile, labels_local, lse, grad_rows):
+    torch.ops.fastdpo.softmax_grad_tile_(tile, labels_local, lse, grad_rows)
+
+
 def load() -> Backend:
     _register()
-    return Backend("native", forward, backward, supports=lambda device: device.type == "cpu")
+    return Backend(
+        "native", forward, backward, lse_fold, softmax_grad_tile, supports=lambda device: device.type == "cpu"
+    )

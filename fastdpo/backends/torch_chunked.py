@@ -16,7 +16,7 @@ from fastdpo.backends import Backend
 CHUNK_BYTES = 4 * 2**20
 
 
-def _counted_rows(labels: torch.Tensor, ignore_index: int, shift: bool):
+def counted_rows(labels: torch.Tensor, ignore_index: int, shift: bool):
     """Indices (n, t) of counted positions, the logits row each one reads, and its label."""
     target = labels[:, 1:] if shift else labels
     n_idx, t_idx = (target != ignore_index).nonzero(as_tuple=True)
@@ -39,7 +39,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift
     # order of addition does not cost accuracy (a few bytes per sequence).
     sequence_logps = torch.zeros(n, dtype=torch.float64, device=device)
     logit_sums = torch.zeros(n, dtype=torch.float64, device=device)
-    n_idx, t_idx, target = _counted_rows(labels, ignore_index, shift)
+    n_idx, t_idx, target = counted_rows(labels, ignore_index, shift)
     for part in _chunks(n_idx.numel(), vocab):
         rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
         x = logits[rows_n, rows_t].float()  # [rows, V], a fresh copy: the only working buffer
@@ -65,7 +65,7 @@ def backward(
     inplace: bool = False,
 ):
     vocab = logits.shape[-1]
-    n_idx, t_idx, target = _counted_rows(labels, ignore_index, shift)
+    n_idx, t_idx, target = counted_rows(labels, ignore_index, shift)
     if inplace:
         # Counted rows are overwritten chunk by chunk after being read; the rest become zeros.
         grad = logits
@@ -86,5 +86,24 @@ def backward(
     return grad
 
 
+def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.Tensor):
+    """The fused linear path's tile fold (contract in fastdpo/backends/__init__.py), in torch ops."""
+    logit_sum = tile.sum(dim=1)
+    new_max = torch.maximum(running_max, tile.amax(dim=1))
+    # exp(-inf - m) is 0, but a row still at -inf would give exp(nan): its running sum is empty.
+    rescale = torch.where(running_max == -torch.inf, 0.0, torch.exp(running_max - new_max))
+    tile.sub_(new_max.unsqueeze(1)).exp_()
+    return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum
+
+
+def softmax_grad_tile(
+    tile: torch.Tensor, labels_local: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor
+):
+    """``tile := grad_rows * (onehot(labels_local) - exp(tile - lse))``, in torch ops."""
+    tile.sub_(lse.unsqueeze(1)).exp_().mul_(-grad_rows.unsqueeze(1))
+    here = ((labels_local >= 0) & (labels_local < tile.shape[1])).nonzero().squeeze(1)
+    tile[here, labels_local[here]] += grad_rows[here]
+
+
 def load() -> Backend:
-    return Backend("torch", forward, backward, supports=lambda device: True)
+    return Backend("torch", forward, backward, lse_fold, softmax_grad_tile, supports=lambda device: True)

@@ -266,5 +266,9 @@ def supports(device: torch.device) -> bool:
 
 
 def load() -> Backend:
+    from fastdpo.backends import triton_tiles  # the fused linear path's tile kernels
+
     _register()
-    return Backend("triton", forward, backward, supports=supports)
+    return Backend(
+        "triton", forward, backward, triton_tiles.lse_fold, triton_tiles.softmax_grad_tile, supports=supports
+    )

@@ -1,0 +1,189 @@
+"""``linear_token_logps`` / ``linear_sequence_logps``: DPO log-probs from hidden states and the
+LM head, the ``[N, T, V]`` logits never in memory. Argument checks, dispatch and autograd; the
+tiled loops are in fastdpo/linear_tiles.py.
+
+Same results as ``token_logps(hidden @ weight.T + bias, labels)`` (computed in float32), and
+gradients flow to ``hidden``, ``weight`` and ``bias``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdpo.backends import Backend
+from fastdpo.backends.torch_chunked import counted_rows
+from fastdpo.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
+from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_labels, resolve_backend
+
+
+def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: bool) -> None:
+    """Raise a clear TypeError/ValueError for inputs the fused linear path cannot take."""
+    named = {"hidden": hidden, "weight": weight} | ({} if bias is None else {"bias": bias})
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[2]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(
+            f"weight must have a non-empty vocabulary and hidden size, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    mixed = {x.dtype for x in named.values()}
+    if len(mixed) > 1:
+        raise TypeError(f"hidden, weight and bias must share one dtype, got {sorted(map(str, mixed))}")
+    check_labels(labels, hidden.shape[:2], weight.shape[0], ignore_index, shift, hidden.device, "hidden")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    kernels: Backend
+    plan: TilePlan
+    rows: Rows  # counted positions, derived from the labels
+
+
+def _per_sequence(values: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
+    """Sum of per-row values into their sequences, in float64 (order-independent accuracy), as float32."""
+    out = torch.zeros(n, dtype=torch.float64, device=values.device)
+    return out.index_add_(0, rows.n, values.double()).float()
+
+
+def _forward(hidden, weight, bias, s: _Settings, out_len: int, hidden_grad: torch.Tensor | None):
+    """(token_logps, sequence_logps, logit_sums, lse of the counted rows)."""
+    rows = s.rows
+    label_logit, lse, logit_sum = forward_tiles(hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad)
+    picked = label_logit - lse
+    token_logps = torch.zeros(hidden.shape[0], out_len, dtype=torch.float32, device=hidden.device)
+    token_logps[rows.n, rows.t] = picked
+    n = hidden.shape[0]
+    return token_logps, _per_sequence(picked, rows, n), _per_sequence(logit_sum, rows, n), lse
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """(token_logps, sequence_logps, logit_sums) from hidden states and the head; see linear_tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, settings: _Settings, out_len: int):
+        # d logp / d hidden is finished in the forward sweep, straight into its final buffer.
+        hidden_grad = None
+        if ctx.needs_input_grad[0]:
+            hidden_grad = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        token_logps, sequence_logps, logit_sums, lse = _forward(
+            hidden, weight, bias, settings, out_len, hidden_grad
+        )
+        ctx.save_for_backward(hidden, weight, bias, lse)
+        ctx.settings, ctx.hidden_grad = settings, hidden_grad
+        ctx.mark_non_differentiable(logit_sums)
+        return token_logps, sequence_logps, logit_sums
+
+    @staticmethod
+    def backward(ctx, grad_tokens, grad_sequences, _grad_logit_sums):
+        hidden, weight, bias, lse = ctx.saved_tensors
+        s: _Settings = ctx.settings
+        rows = s.rows
+        grad_rows = torch.zeros_like(lse)
+        if grad_tokens is not None:
+            grad_rows += grad_tokens[rows.n, rows.t].float()
+        if grad_sequences is not None:
+            grad_rows += grad_sequences[rows.n].float()
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            if ctx.hidden_grad is None:
+                raise RuntimeError(
+                    "backward through the fused linear log-probs ran twice: the hidden-state gradient is "
+                    "scaled in place in its buffer; recompute the forward instead of retain_graph=True"
+                )
+            scale = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+            scale[rows.n, rows.t] = grad_rows
+            grad_hidden, ctx.hidden_grad = ctx.hidden_grad.mul_(scale.unsqueeze(-1)), None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_bias = weight_grad_tiles(
+                hidden, weight, bias, rows, lse, grad_rows, s.kernels, s.plan,
+                need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
+            )  # fmt: skip
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def fused_linear_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: str = "auto",
+    row_tile: int | None = None,
+    vocab_tile: int | None = None,
+) -> FusedLogps:
+    """Everything the DPO losses need from ``hidden @ weight.T + bias``, without the logits.
+
+    ``hidden`` ``[N, T, H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` (one float dtype),
+    ``labels`` ``[N, T]``. Returns :class:`fastdpo.logps.FusedLogps` (float32 token log-probs
+    ``[N, T']``, sequence sums ``[N]``, counts, logit sums). ``backend`` picks the tile kernels;
+    ``row_tile`` / ``vocab_tile`` override the tile shape.
+    """
+    check_linear_inputs(hidden, weight, bias, labels, ignore_index, shift)
+    labels = labels.long()
+    n, t, v = counted_rows(labels, ignore_index, shift)
+    plan = plan_tiles(hidden.device, hidden.dtype, row_tile, vocab_tile)
+    for name, size in (("row_tile", plan.row_tile), ("vocab_tile", plan.vocab_tile)):
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    settings = _Settings(resolve_backend(backend, hidden.device), plan, Rows(n, t, v))
+    out_len = labels.shape[1] - 1 if shift else labels.shape[1]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
+        token, sequence, logit_sums = _FusedLinearLogps.apply(hidden, weight, bias, settings, out_len)
+    else:  # no autograd (a reference model, evaluation): no gradient work in the forward either
+        token, sequence, logit_sums, _ = _forward(hidden, weight, bias, settings, out_len, None)
+    return FusedLogps(
+        token, sequence, (labels[:, 1:] if shift else labels).ne(ignore_index).sum(-1), logit_sums
+    )
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-probability of each labelled token under ``hidden @ weight.T + bias``, float32
+    ``[N, T-1]`` (``shift``) or ``[N, T]``; 0 where the label is ``ignore_index``."""
+    return fused_linear_logps(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, backend=backend
+    ).token_logps
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = True,
+    average: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence sum (or, with ``average``, mean) of the labelled tokens' log-probs under
+    ``hidden @ weight.T + bias``, float32 ``[N]``; 0 for a sequence with no counted token."""
+    out = fused_linear_logps(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, backend=backend
+    )
+    return out.sequence_logps / out.counts.clamp(min=1) if average else out.sequence_logps
