@@ -292,3 +292,51 @@ def test_ddp_two_processes_match_one_process(gpt2_dir, tmp_path):
         for key in ("loss", "rewards/margins", "train_rewards/accuracies", "train_logps/accuracies"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("kind", ["gpt2_dir", "llama_dir"])
+def test_fused_linear_step_matches_the_logits_step(kind, request, tmp_path):
+    model_dir = request.getfixturevalue(kind)
+    options = dict(max_steps=2, per_device_train_batch_size=3)
+    fused = make_trainer(model_dir, tmp_path / "fused", fused_linear=True, **options)
+    logits = make_trainer(model_dir, tmp_path / "logits", fused_linear=False, **options)
+    assert fused.fused and not logits.fused
+    # the fused trainer never runs the LM head as a layer, so no [2B, T, V] logits exist
+    fused.model.get_output_embeddings().forward = lambda *a: pytest.fail("the fused path computed logits")
+    seen_fused, seen_logits = capture_steps(fused), capture_steps(logits)
+    a, b = fused.train(), logits.train()
+    for x, y in zip(a, b):
+        for key in (
+            "loss",
+            "rewards/chosen",
+            "rewards/rejected",
+            "logps/chosen",
+            "logps/rejected",
+            "logits/chosen",
+        ):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
+    for (_, grads_fused), (_, grads_logits) in zip(seen_fused, seen_logits):
+        for g, h in zip(grads_fused, grads_logits):
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+    assert fused.evaluate()["train"] == pytest.approx(logits.evaluate()["train"], rel=1e-5, abs=1e-6)
+
+
+def test_fused_linear_is_used_only_where_it_reproduces_the_logits(llama_dir, tmp_path):
+    from fastdpo.lm import fused_linear_reason
+
+    model, _ = load(llama_dir)
+    assert fused_linear_reason(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in fused_linear_reason(model)
+    model.config.final_logit_softcapping = None
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    assert "not a plain nn.Linear" in fused_linear_reason(model)
+
+    soft, tokenizer = load(llama_dir)
+    soft.config.logit_scale = 0.5
+    trainer = DPOTrainer(
+        soft, tokenizer, PAIRS, config=DPOConfig(output_dir=str(tmp_path), progress_bar=False)
+    )
+    assert not trainer.fused and "logit_scale" in trainer.fused_reason
+    with pytest.raises(ValueError, match="fused_linear=True but"):
+        DPOTrainer(soft, tokenizer, PAIRS, config=DPOConfig(output_dir=str(tmp_path), fused_linear=True))
