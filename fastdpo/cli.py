@@ -66,7 +66,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let from_pretrained download from the Hugging Face Hub (default: local files and cache only)",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice; 1 for the built-in default's tiny model)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,11 +264,12 @@ def train_command(args) -> int:
     from fastdpo.default import default_data
 
     start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    builtin = args.model is None
+    # The built-in model is too small to gain from more threads; one keeps it fast on a busy machine.
+    if args.threads or builtin:
+        torch.set_num_threads(args.threads or 1)
     _init_distributed()
     _quiet_transformers()
-    builtin = args.model is None
     if builtin:
         model_path = _default_model_path()
         shipped_train, shipped_heldout = default_data()
