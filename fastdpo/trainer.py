@@ -22,7 +22,7 @@ import os
 import pathlib
 import random
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -147,7 +147,6 @@ class _Split:
 
     data: PreferenceData
     ref_logps: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class DPOTrainer:
@@ -200,7 +199,7 @@ class DPOTrainer:
         if c.fused_linear and reason:
             raise ValueError(f"fused_linear=True but the fused linear path cannot run this model: {reason}")
         self.fused = reason is None and c.fused_linear is not False
-        self.fused_reason = reason
+        self.fused_reason = reason or (None if self.fused else "fused_linear=False")
 
         # Reference: a model (given or a frozen copy) or precomputed log-probs or nothing.
         if c.reference_free and ref_model is not None:
@@ -221,8 +220,6 @@ class DPOTrainer:
         loss_options = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
                             reference_free=c.reference_free, average_log_prob=c.average_log_prob,
                             backend=c.backend, loss_weights=c.loss_weights)  # fmt: skip
-        if not self.fused:  # the logits are not needed after the loss: let the backward reuse them
-            loss_options["inplace_backward"] = True
         self.policy = PolicyLoss(self.model, make_loss(self.fused, **loss_options), self.fused)
         self.ddp = None
         if self.world > 1:

@@ -64,7 +64,10 @@ def save_tiny_lm(directory: pathlib.Path, kind: str = "gpt2", seed: int = 0) -> 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     ids = dict(
-        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **ids))

@@ -345,3 +345,15 @@ def test_fused_linear_is_used_only_where_it_reproduces_the_logits(llama_dir, tmp
     assert not trainer.fused and "logit_scale" in trainer.fused_reason
     with pytest.raises(ValueError, match="fused_linear=True but"):
         DPOTrainer(soft, tokenizer, PAIRS, config=DPOConfig(output_dir=str(tmp_path), fused_linear=True))
+
+
+def test_bf16_autocast_is_an_option_on_cpu(llama_dir, tmp_path):
+    assert not make_trainer(llama_dir, tmp_path / "default").bf16  # never by default on CPU (slow there)
+    options = dict(max_steps=2, per_device_train_batch_size=3, bf16=True)
+    fused = make_trainer(llama_dir, tmp_path / "fused", fused_linear=True, **options)
+    logits = make_trainer(llama_dir, tmp_path / "logits", fused_linear=False, **options)
+    a, b = fused.train(), logits.train()
+    assert fused.bf16 and fused.fused
+    for x, y in zip(a, b):  # both heads run in bfloat16: agreement to bfloat16's resolution
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-2)
+        assert x["logps/chosen"] == pytest.approx(y["logps/chosen"], rel=1e-2)
