@@ -197,6 +197,8 @@ def config_from_args(args, base: dict) -> DPOConfig:
         value = getattr(args, FLAGS.get(field, field), None)
         if value is not None and value is not False:
             options[field] = value
+    if getattr(args, "bf16", None) is not None:  # --no-bf16 is an explicit False
+        options["bf16"] = args.bf16
     if getattr(args, "loss_type", None):
         options["loss_type"] = args.loss_type if len(args.loss_type) > 1 else args.loss_type[0]
     if getattr(args, "max_prompt_length", None) == 0:
@@ -356,12 +358,12 @@ def eval_command(args) -> int:
         f"fastdpo eval: {model_path}"
         + (f" against reference {ref_path}" if ref_path else " (reference-free)")
     )
-    rows = [f"{'pairs':<48}{'implicit reward':<22}policy log-prob"]
+    width = max(len(path) for path in data) + 4
+    rows = [f"{'pairs':<{width}}{'implicit reward':<22}policy log-prob"]
     for path in data:
         r = trainer.evaluate(path, name=path)
-        rows.append(
-            f"  {path:<46}{_fraction(r, path, 'rewards/accuracies'):<22}{_fraction(r, path, 'logps/accuracies')}"
-        )
+        reward, logps = _fraction(r, path, "rewards/accuracies"), _fraction(r, path, "logps/accuracies")
+        rows.append(f"  {path:<{width - 2}}{reward:<22}{logps}")
     print("\n".join(rows))
     return 0
 

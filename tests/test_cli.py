@@ -135,3 +135,26 @@ def test_builtin_default_learns_the_preference(tmp_path, monkeypatch, capsys):
     assert after["train_logps/accuracies"] >= 0.5
     assert (out / "training.png").is_file()
     assert os.listdir(tmp_path / "cache") == [default_module.default_model_dir().name]
+
+
+def test_command_line_options_reach_the_config():
+    from fastdpo.cli import DEFAULT_RUN, build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--lr", "3e-4", "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--no-bf16",
+         "--max-grad-norm", "0", "--loss-type", "sigmoid", "sft", "--reference", "precompute", "--max-prompt-length",
+         "0", "--strict", "--no-fused-linear", "--lr-scheduler", "constant", "--seed", "7"]
+    )  # fmt: skip
+    config = config_from_args(args, {"output_dir": "x"})
+    assert (config.learning_rate, config.num_train_epochs, config.per_device_train_batch_size) == (3e-4, 2, 4)
+    assert config.gradient_accumulation_steps == 2 and config.bf16 is False and config.max_grad_norm == 0
+    assert (
+        config.loss_type == ["sigmoid", "sft"]
+        and config.precompute_ref_log_probs
+        and not config.reference_free
+    )
+    assert config.max_prompt_length is None and config.strict_data and config.fused_linear is False
+    assert config.lr_scheduler_type == "constant" and config.seed == 7
+    default = config_from_args(build_parser().parse_args(["train"]), DEFAULT_RUN)
+    assert default.bf16 is None and default.learning_rate == DEFAULT_RUN["learning_rate"]
+    assert config_from_args(build_parser().parse_args(["train", "--bf16"]), {}).bf16 is True
