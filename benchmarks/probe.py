@@ -1,13 +1,16 @@
 """Measure one method at one point in a fresh process: time, peak extra memory, error.
 
     python -m benchmarks.probe METHOD PAIRS SEQ_LEN VOCAB DTYPE MODE [--rounds K] [--error]
+    python -m benchmarks.probe --suite linear METHOD PAIRS SEQ_LEN HIDDEN VOCAB DTYPE MODE [...]
 
 prints one JSON line: ``peak_extra_bytes`` (resident memory added by one call beyond the
-inputs), ``peak_extra_x_logits`` (that, as a multiple of the logits' size), the ``times`` of
-``K`` further calls and their ``median_s``, and with ``--error`` the largest per-sequence
-error of the forward against float64. A warm-up call (compilation, kernel loading, allocator
-pools) comes first; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and
-one call is measured.
+inputs), ``peak_extra_x_logits`` (that, as a multiple of the logits' size, or of what they
+would take for the ``linear`` suite, which has no logits), the ``times`` of ``K`` further calls
+and their ``median_s``, and with ``--error`` the largest per-sequence error of the forward
+against float64. The ``linear`` suite also reports the peak without the gradients the call
+returns (``working_extra_bytes``, ``working_extra_x_logits``). A warm-up call (compilation,
+kernel loading, allocator pools) comes first; then the kernel's peak-RSS mark is reset
+(``/proc/self/clear_refs``) and one call is measured.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,48 +33,64 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def probe(
-    method: str, shape: tuple[int, int, int], dtype: str, mode: str, rounds: int = 0, error: bool = False
-):
-    from benchmarks.methods import (
-        available_methods,
-        float64_sequence_logps,
-        make_inputs,
-        max_abs_error,
-        run_once,
+def _suite(name: str):
+    """The methods module of a suite: ``logits`` (benchmarks.methods) or ``linear``."""
+    import importlib
+
+    return importlib.import_module(
+        {"logits": "benchmarks.methods", "linear": "benchmarks.linear_methods"}[name]
     )
 
-    fn = available_methods()[method]
-    logits, labels = make_inputs(shape, dtype)
-    run_once(fn, logits, labels, mode)  # warm-up
+
+def probe(method, shape, dtype: str, mode: str, rounds: int = 0, error: bool = False, suite: str = "logits"):
+    m = _suite(suite)
+    fn = m.available_methods()[method]
+    inputs = m.make_inputs(shape, dtype)
+    args = inputs if suite == "linear" else tuple(inputs)  # logits suite: (logits, labels)
+    call = (
+        (lambda: m.run_once(fn, args, mode)) if suite == "linear" else (lambda: m.run_once(fn, *args, mode))
+    )
+    call()  # warm-up
     gc.collect()
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
-    run_once(fn, logits, labels, mode)
+    call()
     extra = (_status_kb("VmHWM") - before) * 1024
-    result = {
-        "peak_extra_bytes": extra,
-        "peak_extra_x_logits": round(extra / (logits.numel() * logits.element_size()), 3),
-    }
+    if suite == "linear":
+        logits_bytes = m.logits_bytes(inputs)
+        working = extra - (m.gradient_bytes(inputs) if mode == "forward_backward" else 0)
+        result = {"working_extra_bytes": working, "working_extra_x_logits": round(working / logits_bytes, 4)}
+    else:
+        logits_bytes = inputs[0].numel() * inputs[0].element_size()
+        result = {}
+    result.update(peak_extra_bytes=extra, peak_extra_x_logits=round(extra / logits_bytes, 4))
     if rounds:
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
-            run_once(fn, logits, labels, mode)
+            call()
             times.append(time.perf_counter() - start)
         result.update(times=times, median_s=statistics.median(times))
     if error:
-        result["max_abs_error"] = max_abs_error(fn, logits, labels, float64_sequence_logps(logits, labels))
+        if suite == "linear":
+            result["max_abs_error"] = m.max_abs_error(fn, inputs, m.float64_policy_logps(inputs))
+        else:
+            exact = m.float64_sequence_logps(*inputs)
+            result["max_abs_error"] = m.max_abs_error(fn, *inputs, exact)
     return result
 
 
-def probe_in_subprocess(method, shape, dtype, mode, rounds=0, error=False, timeout=None) -> dict:
+def probe_in_subprocess(
+    method, shape, dtype, mode, rounds=0, error=False, timeout=None, suite="logits"
+) -> dict:
     """Run :func:`probe` in a fresh interpreter so earlier work cannot hide or inflate the peak."""
     args = [
         sys.executable,
         "-m",
         "benchmarks.probe",
+        "--suite",
+        suite,
         method,
         *map(str, shape),
         dtype,
@@ -78,8 +98,12 @@ def probe_in_subprocess(method, shape, dtype, mode, rounds=0, error=False, timeo
         "--rounds",
         str(rounds),
     ]
+    # A fixed mmap threshold makes glibc return every freed buffer above 64 KB to the system,
+    # so the peak resident size counts what one call holds at once, not what the warm-up left
+    # cached in the heap (glibc otherwise raises its threshold after the first large free).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = subprocess.run(
-        args + (["--error"] if error else []), capture_output=True, text=True, timeout=timeout
+        args + (["--error"] if error else []), capture_output=True, text=True, timeout=timeout, env=env
     )
     if out.returncode != 0:
         raise RuntimeError(f"probe {method} {shape} {dtype} {mode} failed:\n{out.stderr[-2000:]}")
@@ -90,14 +114,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--suite", choices=["logits", "linear"], default="logits")
     parser.add_argument("method")
-    parser.add_argument("shape", nargs=3, type=int, metavar=("PAIRS", "SEQ_LEN", "VOCAB"))
+    parser.add_argument(
+        "shape", nargs="+", type=int, help="PAIRS SEQ_LEN VOCAB (linear: PAIRS SEQ_LEN HIDDEN VOCAB)"
+    )
     parser.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("mode", choices=["forward", "forward_backward"])
     parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--error", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(probe(args.method, tuple(args.shape), args.dtype, args.mode, args.rounds, args.error)))
+    if len(args.shape) != (4 if args.suite == "linear" else 3):
+        parser.error(f"the {args.suite} suite takes {4 if args.suite == 'linear' else 3} shape numbers")
+    shape = tuple(args.shape)
+    print(json.dumps(probe(args.method, shape, args.dtype, args.mode, args.rounds, args.error, args.suite)))
 
 
 if __name__ == "__main__":

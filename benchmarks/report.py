@@ -1,16 +1,25 @@
 """One command that shows where fastdpo stands: a side-by-side sweep with tables and charts.
 
     python -m benchmarks.report --quick      # a few minutes on 2 CPU cores
-    python -m benchmarks.report              # the full sweep (vocabulary 32k/128k/256k, longer sequences)
+    python -m benchmarks.report              # the full sweep (vocabulary 32k/128k/256k, longer sequences; hours)
 
-Every point (method x shape x dtype) runs in a fresh subprocess (``benchmarks.probe``): a
-warm-up call, one call whose peak extra resident memory is measured, ``--rounds`` timed
-calls (the median is reported) and the largest per-sequence error against float64. All points
-of one invocation are taken side by side, and every ratio in the outputs is computed from
-rows of that same invocation. Outputs, in ``--out`` (default ``benchmarks/results``):
+Two suites, each forward+backward of a DPO step's log-probs:
+
+- ``logits``: per-sequence log-probs from ``[2x2, T, V]`` logits: every fastdpo backend against
+  the naive reference, ``torch.compile`` of it and TRL's ``selective_log_softmax``;
+- ``linear``: the DPO loss from ``[2x2, T, H]`` hidden states and a ``[V, H]`` LM head, policy
+  and reference: fastdpo's fused linear path against the naive and the native-kernel unfused
+  paths (matmul, then log-probs from the logits), TRL's chunked log-prob function and Liger's
+  fused linear DPO loss.
+
+Every point (suite x method x shape x dtype) runs in a fresh subprocess (``benchmarks.probe``):
+a warm-up call, one call whose peak extra resident memory is measured, ``--rounds`` timed calls
+(the median is reported) and the largest per-sequence error against float64. All points of
+one invocation are taken side by side, and every ratio in the outputs is computed from rows
+of that same invocation. Outputs, in ``--out`` (default ``benchmarks/results``):
 ``report.json`` (raw rows plus machine, library versions and timestamp), ``report.csv``,
-``report.md`` (the table the README embeds) and PNG charts of time and memory against
-vocabulary size and sequence length, one line per method.
+``report.md`` (the tables the README embeds) and PNG charts of time and memory against
+vocabulary size and sequence length, one line per method, one pair of charts per suite.
 """
 
 from __future__ import annotations
@@ -27,23 +36,49 @@ import sys
 
 from benchmarks.probe import probe_in_subprocess
 
-BASELINE = "reference"
 PAIRS = 2
+SUITES = ("logits", "linear")
+# The row every other row of a suite is compared with: the plain, unfused pipeline.
+BASELINE = {"logits": "reference", "linear": "unfused-reference"}
+DESCRIPTION = {
+    "logits": f"Per-sequence log-probs from `[2x{PAIRS}, T, V]` logits, forward+backward",
+    "linear": f"DPO loss from `[2x{PAIRS}, T, H]` hidden states and a `[V, H]` LM head (policy + reference), "
+    "forward+backward",
+}
 
 
 def sweep(quick: bool) -> dict:
-    """Which vocabularies and sequence lengths to run; the crossing point is in both lines."""
+    """Per suite: which vocabularies and sequence lengths to run; the crossing point is in both lines."""
     if quick:
-        return {"vocabs": [32000, 128256], "seq_lens": [256, 512], "fixed_seq": 512, "fixed_vocab": 32000,
-                "dtypes": ["float32", "bfloat16"], "rounds": 3}  # fmt: skip
-    return {"vocabs": [32000, 128256, 256000], "seq_lens": [256, 512, 1024, 2048], "fixed_seq": 512,
-            "fixed_vocab": 128256, "dtypes": ["float32", "bfloat16"], "rounds": 5}  # fmt: skip
+        return {
+            "logits": {"vocabs": [32000, 128256], "seq_lens": [256, 512], "fixed_seq": 512,
+                       "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
+            "linear": {"hidden": 512, "vocabs": [32000, 128256], "seq_lens": [128, 256], "fixed_seq": 128,
+                       "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
+        }  # fmt: skip
+    return {
+        "logits": {"vocabs": [32000, 128256, 256000], "seq_lens": [256, 512, 1024, 2048], "fixed_seq": 512,
+                   "fixed_vocab": 128256, "dtypes": ["float32", "bfloat16"], "rounds": 5},
+        "linear": {"hidden": 2048, "vocabs": [32000, 128256, 256000], "seq_lens": [256, 512, 1024, 2048],
+                   "fixed_seq": 1024, "fixed_vocab": 128256, "dtypes": ["float32", "bfloat16"], "rounds": 3},
+    }  # fmt: skip
 
 
-def points(plan: dict) -> list[tuple[int, int, int]]:
-    shapes = [(PAIRS, plan["fixed_seq"], v) for v in plan["vocabs"]]
-    shapes += [(PAIRS, t, plan["fixed_vocab"]) for t in plan["seq_lens"]]
-    return list(dict.fromkeys(shapes))
+def points(suite: str, plan: dict) -> list[tuple[int, ...]]:
+    """Probe shapes: ``(pairs, T, V)`` for logits, ``(pairs, T, H, V)`` for linear."""
+    seq_vocab = [(plan["fixed_seq"], v) for v in plan["vocabs"]]
+    seq_vocab += [(t, plan["fixed_vocab"]) for t in plan["seq_lens"]]
+    middle = (plan["hidden"],) if suite == "linear" else ()
+    return [(PAIRS, t, *middle, v) for t, v in dict.fromkeys(seq_vocab)]
+
+
+def suite_methods(suite: str) -> tuple[list[str], list[str]]:
+    """(runnable methods, missing peers) of a suite; the report times forward+backward only."""
+    from benchmarks import linear_methods, methods
+
+    module = linear_methods if suite == "linear" else methods
+    forward_only = getattr(module, "FORWARD_ONLY", set())
+    return [m for m in module.available_methods() if m not in forward_only], module.missing_methods()
 
 
 def machine_info() -> dict:
@@ -59,9 +94,13 @@ def machine_info() -> dict:
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
         "?",
     )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
+    )
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
+        "cpu_features": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -70,94 +109,140 @@ def machine_info() -> dict:
     }
 
 
-def run(plan: dict, methods: list[str], log=print) -> list[dict]:
+def _shape_fields(suite: str, shape: tuple[int, ...]) -> dict:
+    fields = dict(suite=suite, pairs=shape[0], seq_len=shape[1], vocab=shape[-1])
+    if suite == "linear":
+        fields["hidden"] = shape[2]
+    return fields
+
+
+def run(plans: dict, methods: dict[str, list[str]], log=print) -> list[dict]:
     rows = []
-    todo = [(s, d, m) for s in points(plan) for d in plan["dtypes"] for m in methods]
-    for i, (shape, dtype, method) in enumerate(todo, 1):
-        label = f"[{i}/{len(todo)}] {method:28s} pairs={shape[0]} T={shape[1]} V={shape[2]} {dtype:8s}"
+    todo = [(suite, s, d, m) for suite, plan in plans.items() for s in points(suite, plan)
+            for d in plan["dtypes"] for m in methods[suite]]  # fmt: skip
+    for i, (suite, shape, dtype, method) in enumerate(todo, 1):
+        dims = f"T={shape[1]} " + (f"H={shape[2]} " if suite == "linear" else "") + f"V={shape[-1]}"
+        label = f"[{i}/{len(todo)}] {suite:6s} {method:28s} {dims} {dtype:8s}"
         try:
             r = probe_in_subprocess(
-                method, shape, dtype, "forward_backward", rounds=plan["rounds"], error=True
+                method,
+                shape,
+                dtype,
+                "forward_backward",
+                rounds=plans[suite]["rounds"],
+                error=True,
+                suite=suite,
             )
         except Exception as exc:  # one failing point must not sink the report: record it
             log(f"{label} FAILED: {str(exc).splitlines()[-1] if str(exc) else exc}")
-            rows.append(dict(method=method, pairs=shape[0], seq_len=shape[1], vocab=shape[2], dtype=dtype,
-                             error_message=str(exc)[-500:]))  # fmt: skip
+            rows.append(
+                dict(method=method, dtype=dtype, **_shape_fields(suite, shape), error_message=str(exc)[-500:])
+            )
             continue
         log(
             f"{label} {r['median_s'] * 1000:9.1f} ms  {r['peak_extra_x_logits']:.2f}x logits  err {r['max_abs_error']:.1e}"
         )
-        rows.append(dict(method=method, pairs=shape[0], seq_len=shape[1], vocab=shape[2], dtype=dtype, **r))
+        rows.append(dict(method=method, dtype=dtype, **_shape_fields(suite, shape), **r))
     add_ratios(rows)
     return rows
 
 
+def _point(r: dict) -> tuple:
+    return r["suite"], r["seq_len"], r.get("hidden"), r["vocab"], r["dtype"]
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up over the baseline at the same point, from rows of this run only."""
-    base = {
-        (r["seq_len"], r["vocab"], r["dtype"]): r.get("median_s") for r in rows if r["method"] == BASELINE
-    }
+    """Speed-up over the suite's baseline at the same point, from rows of this run only."""
+    base = {_point(r): r.get("median_s") for r in rows if r["method"] == BASELINE[r["suite"]]}
     for r in rows:
-        b = base.get((r["seq_len"], r["vocab"], r["dtype"]))
-        r["speedup_vs_reference"] = round(b / r["median_s"], 2) if b and r.get("median_s") else None
+        b = base.get(_point(r))
+        r["speedup_vs_baseline"] = round(b / r["median_s"], 2) if b and r.get("median_s") else None
 
 
 def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
     lines = [
-        f"Forward+backward of per-sequence log-probs from `[2x{PAIRS}, T, V]` logits, ~30% of labels ignored; "
-        f"median of several calls, peak extra memory in a fresh process (multiple of the logits' size), "
-        f"largest per-sequence error against float64. Machine: {info['cpu']}, {info['cores']} cores, "
-        f"torch {info['versions']['torch']}, {info['timestamp']}.",
-        "",
-        "| T | V | dtype | method | time (ms) | vs reference | peak extra memory | error vs float64 |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Machine: {info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores, "
+        f"torch {info['versions']['torch']}, {info['timestamp']}. Times are medians of several calls; "
+        "peak extra memory is measured in a fresh process, as a multiple of the logits' size (for the linear "
+        "suite, of what the logits would take); error is the largest per-sequence log-prob error against float64.",
     ]
-    for r in sorted(rows, key=lambda r: (r["seq_len"], r["vocab"], r["dtype"], r.get("median_s") or 1e9)):
-        if "median_s" not in r:
-            lines.append(f"| {r['seq_len']} | {r['vocab']} | {r['dtype']} | {r['method']} | failed | | | |")
+    for suite in SUITES:
+        chosen = [r for r in rows if r["suite"] == suite]
+        if not chosen:
             continue
-        lines.append(
-            f"| {r['seq_len']} | {r['vocab']} | {r['dtype']} | {r['method']} | {r['median_s'] * 1000:.3g} | "
-            f"{r['speedup_vs_reference']:.2f}x | {r['peak_extra_x_logits']:.2f}x | {r['max_abs_error']:.1e} |"
-        )
+        linear = suite == "linear"
+        lines += [
+            "",
+            f"**{suite}**: {DESCRIPTION[suite]}, ~30% of labels ignored. Baseline: `{BASELINE[suite]}`.",
+            "",
+            "| T | "
+            + ("H | " if linear else "")
+            + "V | dtype | method | time (ms) | vs baseline | peak extra memory | "
+            + ("without returned grads | " if linear else "")
+            + "error vs float64 |",
+            "|---|"
+            + ("---|" if linear else "")
+            + "---|---|---|---|---|---|"
+            + ("---|" if linear else "")
+            + "---|",
+        ]
+        for r in sorted(chosen, key=lambda r: (*_point(r)[1:], r.get("median_s") or 1e9)):
+            head = (
+                f"| {r['seq_len']} | "
+                + (f"{r['hidden']} | " if linear else "")
+                + f"{r['vocab']} | {r['dtype']} | {r['method']} |"
+            )
+            if "median_s" not in r:
+                lines.append(head + " failed |" + " |" * (5 if linear else 4))
+                continue
+            ratio = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else ""
+            working = f" {r['working_extra_x_logits']:.3f}x |" if linear else ""
+            lines.append(
+                head + f" {r['median_s'] * 1000:.4g} | {ratio} | {r['peak_extra_x_logits']:.3f}x |{working} "
+                f"{r['max_abs_error']:.1e} |"
+            )
     if missing:
         lines += ["", "Not measured (not installed here): " + ", ".join(missing) + "."]
     return "\n".join(lines) + "\n"
 
 
-def charts(rows: list[dict], plan: dict, out: pathlib.Path) -> list[pathlib.Path]:
+def charts(rows: list[dict], plans: dict, out: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for axis, fixed_key, fixed in (
-        ("vocab", "seq_len", plan["fixed_seq"]),
-        ("seq_len", "vocab", plan["fixed_vocab"]),
-    ):
-        fig, axes = plt.subplots(
-            2, len(plan["dtypes"]), figsize=(5.5 * len(plan["dtypes"]), 8), squeeze=False
-        )
-        for col, dtype in enumerate(plan["dtypes"]):
-            sel = [r for r in rows if r["dtype"] == dtype and r[fixed_key] == fixed and "median_s" in r]
-            for method in dict.fromkeys(r["method"] for r in sel):
-                pts = sorted((r[axis], r) for r in sel if r["method"] == method)
-                xs = [p[0] for p in pts]
-                axes[0][col].plot(xs, [p[1]["median_s"] * 1000 for p in pts], marker="o", label=method)
-                axes[1][col].plot(
-                    xs, [p[1]["peak_extra_bytes"] / 2**20 for p in pts], marker="o", label=method
+    for suite, plan in plans.items():
+        for axis, fixed_key, fixed in (
+            ("vocab", "seq_len", plan["fixed_seq"]),
+            ("seq_len", "vocab", plan["fixed_vocab"]),
+        ):
+            fig, axes = plt.subplots(
+                2, len(plan["dtypes"]), figsize=(5.5 * len(plan["dtypes"]), 8), squeeze=False
+            )
+            for col, dtype in enumerate(plan["dtypes"]):
+                sel = [r for r in rows if r["suite"] == suite and r["dtype"] == dtype and r[fixed_key] == fixed
+                       and "median_s" in r]  # fmt: skip
+                for method in dict.fromkeys(r["method"] for r in sel):
+                    pts = sorted((r[axis], r) for r in sel if r["method"] == method)
+                    xs = [p[0] for p in pts]
+                    axes[0][col].plot(xs, [p[1]["median_s"] * 1000 for p in pts], marker="o", label=method)
+                    axes[1][col].plot(
+                        xs, [p[1]["peak_extra_bytes"] / 2**20 for p in pts], marker="o", label=method
+                    )
+                axes[0][col].set(
+                    title=f"{suite}: time, {dtype}, {fixed_key}={fixed}", ylabel="ms (median)", yscale="log"
                 )
-            axes[0][col].set(title=f"time, {dtype}, {fixed_key}={fixed}", ylabel="ms (median)", yscale="log")
-            axes[1][col].set(title=f"peak extra memory, {dtype}", ylabel="MiB", xlabel=axis)
-            for ax in (axes[0][col], axes[1][col]):
-                ax.grid(True, alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"time_memory_vs_{axis}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+                axes[1][col].set(title=f"{suite}: peak extra memory, {dtype}", ylabel="MiB", xlabel=axis)
+                for ax in (axes[0][col], axes[1][col]):
+                    ax.grid(True, alpha=0.3)
+            axes[0][0].legend(fontsize=8)
+            fig.tight_layout()
+            path = out / f"{suite}_time_memory_vs_{axis}.png"
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            written.append(path)
     return written
 
 
@@ -166,50 +251,56 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sweep, a few minutes on 2 cores")
+    parser.add_argument("--suites", nargs="*", choices=SUITES, default=list(SUITES), help="default: both")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
     parser.add_argument("--methods", nargs="*", help="subset of methods to run (default: all available)")
     parser.add_argument("--vocabs", nargs="*", type=int, help="override the vocabulary sizes of the sweep")
     parser.add_argument("--seq-lens", nargs="*", type=int, help="override the sequence lengths of the sweep")
+    parser.add_argument("--hidden", type=int, help="override the hidden size of the linear suite")
     parser.add_argument(
         "--dtypes", nargs="*", choices=["float32", "bfloat16", "float16"], help="override the dtypes"
     )
     parser.add_argument("--rounds", type=int, help="timed calls per point (the median is reported)")
     args = parser.parse_args(argv)
 
-    from benchmarks.methods import FORWARD_ONLY, available_methods, missing_methods
+    plans = {suite: plan for suite, plan in sweep(args.quick).items() if suite in args.suites}
+    from benchmarks.linear_methods import bf16_matmul_is_native
 
-    runnable = [m for m in available_methods() if m not in FORWARD_ONLY]  # the report times fwd+bwd
-    methods = args.methods or runnable
-    unknown = set(methods) - set(runnable)
+    if "linear" in plans and not args.dtypes and not bf16_matmul_is_native():
+        plans["linear"]["dtypes"] = ["float32"]
+        print(
+            "note: linear suite in float32 only: this CPU has no native bfloat16 matmul, so the bf16 peers "
+            "would take hours (pass --dtypes bfloat16 to run them anyway)",
+            file=sys.stderr,
+        )
+    methods, missing = {}, []
+    for suite in plans:
+        runnable, absent = suite_methods(suite)
+        methods[suite] = [m for m in runnable if not args.methods or m in args.methods]
+        missing += absent
+    unknown = set(args.methods or []) - {m for suite in plans for m in suite_methods(suite)[0]}
     if unknown:
-        parser.error(f"unknown or unavailable methods {sorted(unknown)}; available: {runnable}")
-    missing = missing_methods()
+        parser.error(f"unknown or unavailable methods {sorted(unknown)}; available: {methods}")
     for m in missing:
         print(f"missing: {m}", file=sys.stderr)
-    plan = sweep(args.quick)
-    for key, value in (
-        ("vocabs", args.vocabs),
-        ("seq_lens", args.seq_lens),
-        ("dtypes", args.dtypes),
-        ("rounds", args.rounds),
-    ):
-        if value:
-            plan[key] = value
-    if args.vocabs:
-        plan["fixed_vocab"] = args.vocabs[0]
-    if args.seq_lens:
-        plan["fixed_seq"] = args.seq_lens[0]
+    for plan in plans.values():
+        for key, value in (("vocabs", args.vocabs), ("seq_lens", args.seq_lens), ("dtypes", args.dtypes),
+                           ("rounds", args.rounds), ("hidden", args.hidden)):  # fmt: skip
+            if value and key in plan:
+                plan[key] = value
+        if args.vocabs:
+            plan["fixed_vocab"] = args.vocabs[0]
+        if args.seq_lens:
+            plan["fixed_seq"] = args.seq_lens[0]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    print(
-        f"fastdpo report: {len(points(plan)) * len(plan['dtypes']) * len(methods)} points on {info['cpu']}",
-        flush=True,
-    )
-    rows = run(plan, methods, log=lambda s: print(s, flush=True))
+    total = sum(len(points(s, p)) * len(p["dtypes"]) * len(methods[s]) for s, p in plans.items())
+    print(f"fastdpo report: {total} points on {info['cpu']}", flush=True)
+    rows = run(plans, methods, log=lambda s: print(s, flush=True))
 
     (out / "report.json").write_text(
-        json.dumps({"machine": info, "plan": plan, "missing": missing, "rows": rows}, indent=1)
+        json.dumps({"machine": info, "plans": plans, "missing": missing, "rows": rows}, indent=1)
     )
     fields = sorted({k for r in rows for k in r if k != "times"})
     with open(out / "report.csv", "w", newline="") as f:
@@ -217,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     (out / "report.md").write_text(markdown(rows, info, missing))
-    written = charts(rows, plan, out)
+    written = charts(rows, plans, out)
     print(f"wrote {out}/report.json, report.csv, report.md, " + ", ".join(p.name for p in written))
     return 0
 

@@ -2,33 +2,54 @@
 
 import json
 
+import pytest
+
 from benchmarks import report
 
 
-def test_report_writes_rows_table_and_charts(tmp_path, capsys):
+def test_report_writes_rows_tables_and_charts(tmp_path, capsys):
     code = report.main(
-        ["--methods", "reference", "fastdpo-torch", "--vocabs", "300", "--seq-lens", "16",
-         "--dtypes", "bfloat16", "--rounds", "2", "--out", str(tmp_path)]
+        ["--methods", "reference", "fastdpo-torch", "unfused-reference", "fastdpo-fused-linear-torch",
+         "--vocabs", "300", "--seq-lens", "16", "--hidden", "8", "--dtypes", "bfloat16", "--rounds", "2",
+         "--out", str(tmp_path)]
     )  # fmt: skip
     assert code == 0
     data = json.loads((tmp_path / "report.json").read_text())
-    assert {"timestamp", "cpu", "versions"} <= set(data["machine"])
-    rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"reference", "fastdpo-torch"}
-    assert rows["reference"]["speedup_vs_reference"] == 1.0
-    assert len(rows["fastdpo-torch"]["times"]) == 2
-    assert rows["fastdpo-torch"]["max_abs_error"] < 1e-3
+    assert {"timestamp", "cpu", "cpu_features", "versions"} <= set(data["machine"])
+    rows = {(r["suite"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {
+        ("logits", "reference"), ("logits", "fastdpo-torch"),
+        ("linear", "unfused-reference"), ("linear", "fastdpo-fused-linear-torch"),
+    }  # fmt: skip
+    assert rows["logits", "reference"]["speedup_vs_baseline"] == 1.0
+    assert rows["linear", "unfused-reference"]["speedup_vs_baseline"] == 1.0
+    assert len(rows["logits", "fastdpo-torch"]["times"]) == 2
+    assert rows["logits", "fastdpo-torch"]["max_abs_error"] < 1e-3
+    assert rows["linear", "fastdpo-fused-linear-torch"]["max_abs_error"] < 1e-3
+    assert rows["linear", "fastdpo-fused-linear-torch"]["hidden"] == 8
     table = (tmp_path / "report.md").read_text()
     assert "| 16 | 300 | bfloat16 | fastdpo-torch |" in table
+    assert "| 16 | 8 | 300 | bfloat16 | fastdpo-fused-linear-torch |" in table
     assert (tmp_path / "report.csv").read_text().startswith("dtype,")
-    for name in ("time_memory_vs_vocab.png", "time_memory_vs_seq_len.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    assert "[2/2]" in capsys.readouterr().out  # progress is shown
+    for suite in ("logits", "linear"):
+        for axis in ("vocab", "seq_len"):
+            assert (tmp_path / f"{suite}_time_memory_vs_{axis}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[4/4]" in capsys.readouterr().out  # progress is shown
 
 
 def test_unknown_method_is_an_error(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         report.main(["--methods", "nonexistent"])
     assert "unknown or unavailable methods" in capsys.readouterr().err
+
+
+def test_missing_peers_are_reported_not_dropped(monkeypatch, tmp_path, capsys):
+    from benchmarks import linear_methods
+
+    monkeypatch.setattr(
+        linear_methods, "missing_methods", lambda: ["liger-fused-linear-dpo (liger_kernel not installed)"]
+    )
+    report.main(["--suites", "linear", "--methods", "fastdpo-fused-linear-torch", "--vocabs", "50", "--seq-lens", "4",
+                 "--hidden", "4", "--dtypes", "float32", "--rounds", "1", "--out", str(tmp_path)])  # fmt: skip
+    assert "missing: liger-fused-linear-dpo" in capsys.readouterr().err
+    assert "Not measured (not installed here): liger-fused-linear-dpo" in (tmp_path / "report.md").read_text()
