@@ -49,7 +49,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-prompt-length",
         type=int,
-        help="prompts keep their last N tokens (default 512; 0: never truncate, skip what does not fit)",
+        help="prompts keep their last N tokens (default 512, or half of a smaller --max-length; "
+        "0: never truncate, skip what does not fit)",
     )
     p.add_argument("--strict", action="store_true", help="bad records are errors instead of counted skips")
     p.add_argument("--eval-batch-size", type=int, help="pairs per evaluation batch (default 8)")
@@ -203,6 +204,9 @@ def config_from_args(args, base: dict) -> DPOConfig:
         options["loss_type"] = args.loss_type if len(args.loss_type) > 1 else args.loss_type[0]
     if getattr(args, "max_prompt_length", None) == 0:
         options["max_prompt_length"] = None
+    elif args.max_length and args.max_prompt_length is None:  # keep the default prompt share consistent
+        if options.get("max_prompt_length", DPOConfig.max_prompt_length) >= args.max_length:
+            options["max_prompt_length"] = args.max_length // 2
     if getattr(args, "strict", False):
         options["strict_data"] = True
     if getattr(args, "no_fused_linear", False):
@@ -293,8 +297,11 @@ def train_command(args) -> int:
     _barrier()
 
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
-    ref_model = load_model(args.ref_model, args.dtype, args.download)[0] if args.ref_model else None
-    trainer = DPOTrainer(model, tokenizer, data, config=config, ref_model=ref_model, eval_data=eval_data)
+    # No local name for the reference model: with --reference precompute the trainer drops it after one pass.
+    trainer = DPOTrainer(
+        model, tokenizer, data, config=config, eval_data=eval_data,
+        ref_model=load_model(args.ref_model, args.dtype, args.download)[0] if args.ref_model else None,
+    )  # fmt: skip
     what = (
         "built-in default: tiny GPT-2 learning to prefer absurd completions" if builtin else str(model_path)
     )

@@ -9,7 +9,9 @@ the ranks and then into micro-batches; each micro-batch goes through the model a
 ``[chosen; rejected]`` forward (:class:`fastdpo.lm.PolicyLoss`), and its loss is weighted by its
 share of the global batch, so the gradient is the mean over the pairs of the step however they
 are split. Then clipping, AdamW, the learning-rate schedule, one metrics line (TRL's names) and,
-every ``save_steps``, an atomic checkpoint. Option names follow TRL's ``DPOConfig``.
+every ``save_steps``, an atomic checkpoint. Option names follow TRL's ``DPOConfig``. (Losses that
+look across the batch, ``aot`` / ``aot_unpaired`` and the ``sft`` mean, see one micro-batch at a
+time, as in TRL with gradient accumulation.)
 """
 
 from __future__ import annotations

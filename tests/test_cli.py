@@ -158,3 +158,5 @@ def test_command_line_options_reach_the_config():
     default = config_from_args(build_parser().parse_args(["train"]), DEFAULT_RUN)
     assert default.bf16 is None and default.learning_rate == DEFAULT_RUN["learning_rate"]
     assert config_from_args(build_parser().parse_args(["train", "--bf16"]), {}).bf16 is True
+    short = config_from_args(build_parser().parse_args(["train", "--max-length", "256"]), {})
+    assert (short.max_length, short.max_prompt_length) == (256, 128)  # the default 512 would not fit
