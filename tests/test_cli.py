@@ -160,3 +160,25 @@ def test_command_line_options_reach_the_config():
     assert config_from_args(build_parser().parse_args(["train", "--bf16"]), {}).bf16 is True
     short = config_from_args(build_parser().parse_args(["train", "--max-length", "256"]), {})
     assert (short.max_length, short.max_prompt_length) == (256, 128)  # the default 512 would not fit
+
+
+def test_model_from_the_hugging_face_cache(gpt2_dir, pairs_file, tmp_path):
+    # The layout huggingface_hub gives a downloaded model: models--org--name/{refs/main, snapshots/<commit>/}
+    snapshot = tmp_path / "hub" / "models--fastdpo--tiny-gpt2" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for path in gpt2_dir.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "fastdpo", "train", "--model", "fastdpo/tiny-gpt2", "--data", str(pairs_file),
+               "--max-steps", "1", "--reference", "precompute", "--output-dir", str(tmp_path / "run"), "--no-plot",
+               *FAST]  # fmt: skip
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fastdpo/tiny-gpt2" in out.stdout and (tmp_path / "run" / "final" / "config.json").is_file()
