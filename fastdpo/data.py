@@ -43,7 +43,9 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]  # completion tokens only, EOS appended
     rejected_ids: list[int]
-    source: str  # "file.jsonl:12" or "record 12", for messages
+    source: str = ""  # "file.jsonl:12" or "record 12", for messages
+    truncated: bool = False  # shortened to fit max_prompt_length / max_length
+    merged: bool = False  # the end of the prompt and the completion tokenise together (see tokenize_record)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PreferenceData:
     skipped: Counter = field(default_factory=Counter)
     skipped_where: dict[str, list[str]] = field(default_factory=dict)
     truncated: int = 0  # pairs kept but shortened to fit max_prompt_length / max_length
+    merged: int = 0  # pairs whose prompt end and completion share a token
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -63,6 +66,10 @@ class PreferenceData:
         text = f"{len(self.pairs)} pairs"
         if self.truncated:
             text += f", {self.truncated} truncated to fit"
+        if self.merged:
+            text += (
+                f", {self.merged} with a token across the prompt/completion boundary (scored as completion)"
+            )
         if self.skipped:
             parts = []
             for reason, count in self.skipped.most_common():
@@ -113,7 +120,7 @@ def _render_messages(tokenizer, messages: list[dict], generation_prompt: bool) -
     return text + ("assistant: " if generation_prompt else "")
 
 
-def _common_prefix(a: str, b: str) -> int:
+def _common_prefix(a: Sequence, b: Sequence) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -163,13 +170,15 @@ def tokenize_record(
     max_length: int,
     max_prompt_length: int | None,
     source: str = "",
-) -> tuple[TokenizedPair, bool]:
-    """Tokenise one record: ``(pair, truncated)``.
+) -> TokenizedPair:
+    """Tokenise one record.
 
-    Prompt and completions are tokenised separately (so chosen and rejected share exactly the same
-    prompt tokens); EOS is appended to each completion unless it already ends with it. The prompt
-    keeps its last ``max_prompt_length`` tokens; a completion keeps its first
-    ``max_length - len(prompt)`` tokens. A prompt that leaves no room is a :class:`BadRecord`.
+    As in TRL, prompt + completion is tokenised as one text and the completion is what follows the
+    tokenised prompt (the longest common prefix with the prompt tokenised alone, shared by chosen
+    and rejected), so tokenizers that mark word starts (SentencePiece's ``▁``) or merge across the
+    boundary see the text they would see at inference. EOS is appended to each completion unless it
+    already ends with it. The prompt keeps its last ``max_prompt_length`` tokens; a completion keeps
+    its first ``max_length - len(prompt)`` tokens. A prompt that leaves no room is a :class:`BadRecord`.
     """
     prompt, chosen, rejected, templated = record_texts(record, tokenizer)
     eos = tokenizer.eos_token_id
@@ -177,12 +186,16 @@ def tokenize_record(
         raise ValueError(
             "the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training"
         )
-    # A chat template writes its own special tokens (BOS and the like) into the text.
-    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-    completions = []
-    for text in (chosen, rejected):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        completions.append(ids if ids and ids[-1] == eos else ids + [eos])
+
+    def encode(text: str) -> list[int]:  # a chat template writes its own special tokens (BOS...)
+        return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+    prompt_ids, full = encode(prompt), [encode(prompt + chosen), encode(prompt + rejected)]
+    shared = min(_common_prefix(prompt_ids, ids) for ids in full)
+    merged = shared < len(prompt_ids)  # the prompt's last tokens are scored with the completion
+    prompt_ids = prompt_ids[:shared]
+    completions = [ids[shared:] for ids in full]
+    completions = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completions]
     truncated = False
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids, truncated = prompt_ids[len(prompt_ids) - max_prompt_length :], True
@@ -195,7 +208,7 @@ def tokenize_record(
         )
     if any(len(ids) > room for ids in completions):
         completions, truncated = [ids[:room] for ids in completions], True
-    return TokenizedPair(prompt_ids, completions[0], completions[1], source), truncated
+    return TokenizedPair(prompt_ids, completions[0], completions[1], source, truncated, merged)
 
 
 def load_preference_data(
@@ -216,7 +229,7 @@ def load_preference_data(
     out = PreferenceData(pairs=[])
     for where, record in records:
         try:
-            pair, truncated = tokenize_record(
+            pair = tokenize_record(
                 record, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, source=where
             )
         except BadRecord as e:
@@ -228,7 +241,8 @@ def load_preference_data(
                 listed.append(where)
             continue
         out.pairs.append(pair)
-        out.truncated += truncated
+        out.truncated += pair.truncated
+        out.merged += pair.merged
     if not out.pairs:
         raise ValueError(f"no usable preference pairs in {data!s:.200}: {out.summary()}")
     return out

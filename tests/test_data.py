@@ -40,7 +40,7 @@ def test_tokenize_masks_prompt_and_appends_eos(tokenizer):
 
 def test_eos_is_not_doubled(tokenizer):
     record = {"prompt": "The cat", "chosen": " sat.<|endoftext|>", "rejected": " ran."}
-    pair, _ = tokenize_record(record, tokenizer, max_length=64, max_prompt_length=32)
+    pair = tokenize_record(record, tokenizer, max_length=64, max_prompt_length=32)
     assert pair.chosen_ids.count(tokenizer.eos_token_id) == 1
     assert pair.rejected_ids[-1] == tokenizer.eos_token_id
 
@@ -73,8 +73,8 @@ def test_conversational_records_use_the_chat_template(tokenizer):
         "rejected": [{"role": "assistant", "content": "On the mat."}],
     }
     implicit = {"chosen": prompt + explicit["chosen"], "rejected": prompt + explicit["rejected"]}
-    a, _ = tokenize_record(explicit, tokenizer, max_length=128, max_prompt_length=64)
-    b, _ = tokenize_record(implicit, tokenizer, max_length=128, max_prompt_length=64)
+    a = tokenize_record(explicit, tokenizer, max_length=128, max_prompt_length=64)
+    b = tokenize_record(implicit, tokenizer, max_length=128, max_prompt_length=64)
     assert (a.prompt_ids, a.chosen_ids, a.rejected_ids) == (b.prompt_ids, b.chosen_ids, b.rejected_ids)
     assert tokenizer.decode(a.prompt_ids) == "<|user|>Where did the cat sit?<|endoftext|><|assistant|>"
     # the template ends the turn with EOS itself, so no second EOS is appended
@@ -88,7 +88,7 @@ def test_conversational_records_without_a_template_render_role_lines(tokenizer):
         "chosen": [{"role": "assistant", "content": "Hello"}],
         "rejected": [{"role": "assistant", "content": "Go away"}],
     }
-    pair, _ = tokenize_record(record, tokenizer, max_length=64, max_prompt_length=32)
+    pair = tokenize_record(record, tokenizer, max_length=64, max_prompt_length=32)
     assert tokenizer.decode(pair.prompt_ids) == "user: Hi\nassistant: "
     assert tokenizer.decode(pair.chosen_ids) == "Hello\n<|endoftext|>"
 
@@ -149,3 +149,41 @@ def test_collate_pads_to_the_longest_row(tokenizer):
     assert batch["input_ids"].shape == (2 * len(PAIRS), max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["labels"].dtype == torch.long
+
+
+def sentencepiece_style_tokenizer():
+    """Word starts marked with ``▁`` and one prepended to the text, like Llama-2's tokenizer: on its
+    own, " mat" becomes ``▁ ▁mat``; after "on the" it is ``▁mat``."""
+    from lm_helpers import TEXT
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    core.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", unk_token="<unk>")
+
+
+def test_completion_is_tokenised_in_the_context_of_its_prompt():
+    tokenizer = sentencepiece_style_tokenizer()
+    record = {"prompt": "The cat sat on the", "chosen": " mat and purred.", "rejected": " door and barked."}
+    pair = tokenize_record(record, tokenizer, max_length=64, max_prompt_length=32)
+    for completion, ids in ((record["chosen"], pair.chosen_ids), (record["rejected"], pair.rejected_ids)):
+        joint = tokenizer(record["prompt"] + completion)["input_ids"]
+        assert pair.prompt_ids + ids == joint + [tokenizer.eos_token_id]
+        # tokenised on its own, the completion would start with a spurious word-start marker
+        assert ids[:-1] != tokenizer(completion, add_special_tokens=False)["input_ids"]
+    assert not pair.merged
+
+
+def test_a_token_across_the_prompt_boundary_is_counted(tokenizer):
+    # "... on t" + "he mat" tokenises as "the": the prompt's last token goes to the completions
+    record = {"prompt": "The cat sat on t", "chosen": "he mat and purred.", "rejected": "ree and barked."}
+    data = load_preference_data([record], tokenizer, max_length=64, max_prompt_length=32)
+    pair = data.pairs[0]
+    assert pair.merged and data.merged == 1 and "across the prompt/completion boundary" in data.summary()
+    assert tokenizer.decode(pair.prompt_ids) == "The cat sat on"
+    assert tokenizer.decode(pair.chosen_ids) == " the mat and purred.<|endoftext|>"
+    assert tokenizer.decode(pair.rejected_ids) == " tree and barked.<|endoftext|>"
