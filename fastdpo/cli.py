@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import sys
+import textwrap
 import time
 
 from fastdpo.trainer import DPOConfig
@@ -39,9 +40,19 @@ data: JSONL, one {"prompt": ..., "chosen": ..., "rejected": ...} per line; strin
 field, an empty completion or a prompt that leaves no room within --max-length are skipped and
 counted (--strict makes them errors); a line that is not JSON is an error naming file and line.
 
+BUILTIN_DEFAULTS
+
 output (in --output-dir): metrics.jsonl (one line per step, TRL's metric names, plus the
 evaluations), training.png (loss, reward margin, accuracy over steps), checkpoint-<step>/ (model,
 tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer)."""
+
+
+_BUILTIN = " ".join(f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in DEFAULT_RUN.items())
+TRAIN_EXAMPLES = TRAIN_EXAMPLES.replace(
+    "BUILTIN_DEFAULTS",
+    textwrap.fill(f"defaults: those shown are TRL's and apply with --model; without --model the built-in default "
+                  f"uses its own, each still overridable: {_BUILTIN}.", width=100),
+)  # fmt: skip
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
@@ -102,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="pairs per device per micro-batch (default 8)")
     t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     t.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-6)")
-    t.add_argument("--lr-scheduler", choices=["linear", "cosine", "constant"], help="decay after warm-up")
+    t.add_argument(
+        "--lr-scheduler",
+        choices=["linear", "cosine", "constant"],
+        help="decay after warm-up (default linear)",
+    )
     t.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0)")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0: off)")
