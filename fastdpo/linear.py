@@ -53,6 +53,12 @@ class _Settings:
     rows: Rows  # counted positions, derived from the labels
 
 
+def _no_autocast(x: torch.Tensor):
+    """The tiles choose their own precision (float32 products and statistics): an enclosing
+    autocast region must not turn their matmuls into bfloat16 ones."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _per_sequence(values: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
     """Sum of per-row values into their sequences, in float64 (order-independent accuracy), as float32."""
     out = torch.zeros(n, dtype=torch.float64, device=values.device)
@@ -62,7 +68,10 @@ def _per_sequence(values: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
 def _forward(hidden, weight, bias, s: _Settings, out_len: int, hidden_grad: torch.Tensor | None):
     """(token_logps, sequence_logps, logit_sums, lse of the counted rows)."""
     rows = s.rows
-    label_logit, lse, logit_sum = forward_tiles(hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad)
+    with _no_autocast(hidden):
+        label_logit, lse, logit_sum = forward_tiles(
+            hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad
+        )
     picked = label_logit - lse
     token_logps = torch.zeros(hidden.shape[0], out_len, dtype=torch.float32, device=hidden.device)
     token_logps[rows.n, rows.t] = picked
@@ -109,10 +118,11 @@ class _FusedLinearLogps(torch.autograd.Function):
             grad_hidden, ctx.hidden_grad = ctx.hidden_grad.mul_(scale.unsqueeze(-1)), None
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_bias = weight_grad_tiles(
-                hidden, weight, bias, rows, lse, grad_rows, s.kernels, s.plan,
-                need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
-            )  # fmt: skip
+            with _no_autocast(hidden):
+                grad_weight, grad_bias = weight_grad_tiles(
+                    hidden, weight, bias, rows, lse, grad_rows, s.kernels, s.plan,
+                    need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
+                )  # fmt: skip
         return grad_hidden, grad_weight, grad_bias, None, None
 
 

@@ -299,3 +299,14 @@ def test_bad_input_is_a_clear_error(mutate, error, match):
         linear_sequence_logps(
             args["hidden"], args["weight"], args["labels"], bias=args["bias"], backend=args["backend"]
         )
+
+
+def test_autocast_region_does_not_change_the_result():
+    """Under CPU bfloat16 autocast (as a trainer runs its model) the tiles keep float32 math."""
+    hidden, weight, bias, labels = make_linear(4, 9, 16, 37)
+    plain, grads, _, _ = _run("auto", hidden, weight, bias, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, grads_under, _, _ = _run("auto", hidden, weight, bias, labels)
+    torch.testing.assert_close(under.token_logps, plain.token_logps, atol=0, rtol=0)
+    for a, b in zip(grads_under, grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
