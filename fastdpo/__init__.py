@@ -3,19 +3,23 @@
 ``token_logps`` / ``sequence_logps`` turn ``[N, T, V]`` logits into labelled-token
 log-probabilities in one fused pass; ``preference_loss`` and ``DPOLoss`` build TRL's loss
 family on top. ``linear_token_logps`` / ``linear_sequence_logps`` / ``FusedLinearDPOLoss`` do
-the same from hidden states and the LM head without ever holding the logits.
+the same from hidden states and the LM head without ever holding the logits. ``DPOTrainer`` /
+``DPOConfig`` train a ``transformers`` causal LM with them.
 """
 
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
 from fastdpo.logps import available_backends, fused_logps, sequence_logps, token_logps
 from fastdpo.loss import DPOLoss, DPOOutput, FusedLinearDPOLoss
 from fastdpo.losses import LOSS_TYPES, preference_loss
+from fastdpo.trainer import DPOConfig, DPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPOConfig",
     "DPOLoss",
     "DPOOutput",
+    "DPOTrainer",
     "FusedLinearDPOLoss",
     "LOSS_TYPES",
     "available_backends",

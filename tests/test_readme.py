@@ -20,3 +20,16 @@ def test_readme_setup_commands_install_torch_cpu_first():
     assert len(setup) == 2
     for command in setup:
         assert command.index("pip install torch==2.13.0") < command.index("--no-build-isolation")
+
+
+def test_readme_main_job_is_fastdpo_train_with_what_it_needs():
+    commands = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    main_job = next(c for c in commands if "python3 -m venv" in c).strip()
+    assert main_job.endswith("&& fastdpo train")
+    assert '-e ".[train]"' in main_job
+    pyproject = (README.parent / "pyproject.toml").read_text()  # (tomllib needs Python 3.11)
+    train = re.search(r"^train = \[(.*)\]$", pyproject, flags=re.M).group(1)
+    for package in ("transformers", "matplotlib", "safetensors"):
+        assert f'"{package}' in train
+    assert 'fastdpo = "fastdpo.cli:main"' in pyproject
+    assert re.search(r'^fastdpo = \[.*"assets/\*".*\]$', pyproject, flags=re.M)

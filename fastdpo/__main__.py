@@ -1,0 +1,7 @@
+"""``python -m fastdpo`` (and ``torchrun -m fastdpo``) run the ``fastdpo`` command."""
+
+import sys
+
+from fastdpo.cli import main
+
+sys.exit(main())
