@@ -148,7 +148,8 @@ def fused_linear_logps(
     check_linear_inputs(hidden, weight, bias, labels, ignore_index, shift)
     labels = labels.long()
     n, t, v = counted_rows(labels, ignore_index, shift)
-    plan = plan_tiles(hidden.device, hidden.dtype, row_tile, vocab_tile)
+    logits_bytes = labels.numel() * weight.shape[0] * hidden.element_size()
+    plan = plan_tiles(hidden.device, hidden.dtype, hidden.shape[-1], logits_bytes, row_tile, vocab_tile)
     for name, size in (("row_tile", plan.row_tile), ("vocab_tile", plan.vocab_tile)):
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")

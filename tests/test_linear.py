@@ -310,3 +310,19 @@ def test_autocast_region_does_not_change_the_result():
     torch.testing.assert_close(under.token_logps, plain.token_logps, atol=0, rtol=0)
     for a, b in zip(grads_under, grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_tile_plan_stays_within_the_memory_budget():
+    from fastdpo.linear_tiles import CPU_TILES, TILE_BUDGET, plan_tiles, working_bytes
+
+    cpu = torch.device("cpu")
+    logits = 4 * 1024 * 128256 * 4  # float32 logits of 2 pairs x 1024 tokens, Llama-3 vocabulary
+    plan = plan_tiles(cpu, torch.float32, 2048, logits)
+    assert (plan.row_tile, plan.vocab_tile) == CPU_TILES[0] and plan.operand_dtype == torch.float32
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        for vocab in (32000, 128256):
+            budget = TILE_BUDGET * 4 * 1024 * vocab * size
+            plan = plan_tiles(cpu, dtype, 2048, budget / TILE_BUDGET)
+            chosen = working_bytes(plan.row_tile, plan.vocab_tile, 2048, dtype)
+            assert chosen <= budget or (plan.row_tile, plan.vocab_tile) == CPU_TILES[-1]
+    assert plan_tiles(cpu, torch.bfloat16, 2048, 10, row_tile=7).row_tile == 7  # explicit wins
