@@ -268,7 +268,10 @@ def supports(device: torch.device) -> bool:
 def load() -> Backend:
     from fastdpo.backends import triton_tiles  # the fused linear path's tile kernels
 
-    _register()
+    if INTERPRETED or torch.cuda.is_available():
+        # Defining the ops costs about a second (triton_op reads the kernels' source); on a
+        # machine where they cannot run, ``available_backends()`` should not pay it.
+        _register()
     return Backend(
         "triton", forward, backward, triton_tiles.lse_fold, triton_tiles.softmax_grad_tile, supports=supports
     )
