@@ -1,4 +1,4 @@
-# Documented commands: `make test`, `make bench`, `make lint`.
+# Documented commands: `make test`, `make bench`, `make report`, `make lint`.
 PY ?= python
 
 test:
@@ -7,7 +7,10 @@ test:
 bench:
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
+report:
+	$(PY) -m benchmarks.report --quick
+
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-.PHONY: test bench lint
+.PHONY: test bench report lint

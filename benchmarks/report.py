@@ -1,7 +1,8 @@
 """One command that shows where fastdpo stands: a side-by-side sweep with tables and charts.
 
-    python -m benchmarks.report --quick      # a few minutes on 2 CPU cores
-    python -m benchmarks.report              # the full sweep (vocabulary 32k/128k/256k, longer sequences; hours)
+    python -m benchmarks.report --quick                    # under ten minutes on 2 CPU cores
+    python -m benchmarks.report --quick --readme README.md  # and refresh the README's tables and charts
+    python -m benchmarks.report                            # the full sweep (32k/128k/256k, longer sequences; hours)
 
 Two suites, each forward+backward of a DPO step's log-probs:
 
@@ -18,7 +19,7 @@ a warm-up call, one call whose peak extra resident memory is measured, ``--round
 one invocation are taken side by side, and every ratio in the outputs is computed from rows
 of that same invocation. Outputs, in ``--out`` (default ``benchmarks/results``):
 ``report.json`` (raw rows plus machine, library versions and timestamp), ``report.csv``,
-``report.md`` (the tables the README embeds) and PNG charts of time and memory against
+``report.md`` (a compact table per suite, which the README embeds, then every point) and PNG charts of time and memory against
 vocabulary size and sequence length, one line per method, one pair of charts per suite.
 """
 
@@ -51,9 +52,9 @@ def sweep(quick: bool) -> dict:
     """Per suite: which vocabularies and sequence lengths to run; the crossing point is in both lines."""
     if quick:
         return {
-            "logits": {"vocabs": [32000, 128256], "seq_lens": [256, 512], "fixed_seq": 512,
+            "logits": {"vocabs": [32000, 128256], "seq_lens": [128, 256], "fixed_seq": 256,
                        "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
-            "linear": {"hidden": 512, "vocabs": [32000, 128256], "seq_lens": [128, 256], "fixed_seq": 128,
+            "linear": {"hidden": 256, "vocabs": [32000, 128256], "seq_lens": [64, 128], "fixed_seq": 64,
                        "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
         }  # fmt: skip
     return {
@@ -206,6 +207,76 @@ def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return ""
+    if "median_s" not in r:
+        return "failed"
+    ratio = f"**{r['speedup_vs_baseline']:.2f}x**" if r["speedup_vs_baseline"] else "?"
+    return f"{ratio} · {r['peak_extra_x_logits']:.2f}"
+
+
+def summary(rows: list[dict], info: dict, missing: list[str]) -> str:
+    """One compact table per suite: a row per point, a column per method, each cell
+    ``speed-up over the baseline · peak extra memory (x logits)``; then each method's worst error."""
+    lines = [
+        f"Measured on {info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores, "
+        f"torch {info['versions']['torch']}, {info['timestamp'][:10]}. Each cell: **speed-up** of "
+        "forward+backward over the suite's baseline (median of several calls, all taken in one run) · "
+        "peak extra memory in a fresh process, as a multiple of the logits' size (for `linear`, of what "
+        "they would take; including the gradients returned).",
+    ]
+    for suite in SUITES:
+        chosen = [r for r in rows if r["suite"] == suite]
+        if not chosen:
+            continue
+        methods = list(dict.fromkeys(r["method"] for r in chosen))
+        by_point: dict[tuple, dict] = {}
+        for r in chosen:
+            by_point.setdefault(_point(r), {})[r["method"]] = r
+        linear = suite == "linear"
+        lines += ["", f"**{suite}** — {DESCRIPTION[suite]}. Baseline: `{BASELINE[suite]}`.", ""]
+        lines.append(
+            "| T | "
+            + ("H | " if linear else "")
+            + "V | dtype | "
+            + " | ".join(f"`{m}`" for m in methods)
+            + " |"
+        )
+        lines.append("|---" * (4 + linear + len(methods) - 1) + "|")
+        for point in sorted(by_point):
+            _, t, h, v, dtype = point
+            head = f"| {t} | " + (f"{h} | " if linear else "") + f"{v} | {dtype} | "
+            lines.append(head + " | ".join(_cell(by_point[point].get(m)) for m in methods) + " |")
+        worst = {m: max((r["max_abs_error"] for r in chosen if r["method"] == m and "max_abs_error" in r),
+                        default=None) for m in methods}  # fmt: skip
+        lines.append(
+            "| worst error vs float64 | "
+            + ("| " if linear else "")
+            + "| | "
+            + " | ".join(f"{e:.1e}" if e is not None else "" for e in worst.values())
+            + " |"
+        )
+    if missing:
+        lines += ["", "Not measured (not installed here): " + ", ".join(missing) + "."]
+    return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- benchmark-report:start -->", "<!-- benchmark-report:end -->"
+
+
+def update_readme(readme: pathlib.Path, text: str, images: list[pathlib.Path]) -> None:
+    """Replace what lies between the README's report markers with the summary and the charts."""
+    content = readme.read_text()
+    if README_START not in content or README_END not in content:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to update")
+    base = readme.resolve().parent
+    links = [f"![{p.stem}]({os.path.relpath(p.resolve(), base)})" for p in images]
+    block = "\n".join([README_START, text.rstrip(), "", *links, README_END])
+    before, rest = content.split(README_START, 1)
+    readme.write_text(before + block + rest.split(README_END, 1)[1])
+
+
 def charts(rows: list[dict], plans: dict, out: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
 
@@ -261,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtypes", nargs="*", choices=["float32", "bfloat16", "float16"], help="override the dtypes"
     )
     parser.add_argument("--rounds", type=int, help="timed calls per point (the median is reported)")
+    parser.add_argument("--readme", help="also rewrite the benchmark block of this README (e.g. README.md)")
     args = parser.parse_args(argv)
 
     plans = {suite: plan for suite, plan in sweep(args.quick).items() if suite in args.suites}
@@ -307,9 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "report.md").write_text(markdown(rows, info, missing))
+    brief = summary(rows, info, missing)
+    (out / "report.md").write_text(brief + "\n## Every point\n\n" + markdown(rows, info, missing))
     written = charts(rows, plans, out)
     print(f"wrote {out}/report.json, report.csv, report.md, " + ", ".join(p.name for p in written))
+    if args.readme:
+        update_readme(pathlib.Path(args.readme), brief, written)
+        print(f"updated the benchmark block of {args.readme}")
     return 0
 
 

@@ -35,6 +35,22 @@ def test_report_writes_rows_tables_and_charts(tmp_path, capsys):
         for axis in ("vocab", "seq_len"):
             assert (tmp_path / f"{suite}_time_memory_vs_{axis}.png").read_bytes()[:4] == b"\x89PNG"
     assert "[4/4]" in capsys.readouterr().out  # progress is shown
+    assert "| 16 | 300 | bfloat16 | **" in table  # the compact table: a cell per method at the point
+    assert "| worst error vs float64 |" in table
+
+
+def test_readme_block_is_replaced_with_the_summary_and_charts(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nafter\n")
+    chart = tmp_path / "results" / "logits_time_memory_vs_vocab.png"
+    report.update_readme(readme, "new table\n", [chart])
+    text = readme.read_text()
+    assert "old table" not in text and "new table" in text
+    assert "![logits_time_memory_vs_vocab](results/logits_time_memory_vs_vocab.png)" in text
+    assert text.startswith("intro\n") and text.endswith(f"{report.README_END}\nafter\n")
+    (tmp_path / "NOBLOCK.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- benchmark-report:start -->"):
+        report.update_readme(tmp_path / "NOBLOCK.md", "x", [])
 
 
 def test_unknown_method_is_an_error(capsys):
