@@ -160,6 +160,18 @@ def add_ratios(rows: list[dict]) -> None:
         r["speedup_vs_baseline"] = round(b / r["median_s"], 2) if b and r.get("median_s") else None
 
 
+def _by_suite(rows: list[dict]):
+    """(suite, its rows) for each suite that has rows, in the order of SUITES."""
+    for suite in SUITES:
+        chosen = [r for r in rows if r["suite"] == suite]
+        if chosen:
+            yield suite, chosen
+
+
+def _missing_line(missing: list[str]) -> list[str]:
+    return ["", "Not measured (not installed here): " + ", ".join(missing) + "."] if missing else []
+
+
 def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
     lines = [
         f"Machine: {info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores, "
@@ -167,10 +179,7 @@ def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
         "peak extra memory is measured in a fresh process, as a multiple of the logits' size (for the linear "
         "suite, of what the logits would take); error is the largest per-sequence log-prob error against float64.",
     ]
-    for suite in SUITES:
-        chosen = [r for r in rows if r["suite"] == suite]
-        if not chosen:
-            continue
+    for suite, chosen in _by_suite(rows):
         linear = suite == "linear"
         lines += [
             "",
@@ -202,9 +211,7 @@ def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
                 head + f" {r['median_s'] * 1000:.4g} | {ratio} | {r['peak_extra_x_logits']:.3f}x |{working} "
                 f"{r['max_abs_error']:.1e} |"
             )
-    if missing:
-        lines += ["", "Not measured (not installed here): " + ", ".join(missing) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
 def _cell(r: dict | None) -> str:
@@ -226,10 +233,7 @@ def summary(rows: list[dict], info: dict, missing: list[str]) -> str:
         "peak extra memory in a fresh process, as a multiple of the logits' size (for `linear`, of what "
         "they would take; including the gradients returned).",
     ]
-    for suite in SUITES:
-        chosen = [r for r in rows if r["suite"] == suite]
-        if not chosen:
-            continue
+    for suite, chosen in _by_suite(rows):
         methods = list(dict.fromkeys(r["method"] for r in chosen))
         by_point: dict[tuple, dict] = {}
         for r in chosen:
@@ -257,9 +261,7 @@ def summary(rows: list[dict], info: dict, missing: list[str]) -> str:
             + " | ".join(f"{e:.1e}" if e is not None else "" for e in worst.values())
             + " |"
         )
-    if missing:
-        lines += ["", "Not measured (not installed here): " + ", ".join(missing) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
 README_START, README_END = "<!-- benchmark-report:start -->", "<!-- benchmark-report:end -->"
