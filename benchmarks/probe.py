@@ -26,7 +26,7 @@ import sys
 import time
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):
@@ -69,11 +69,11 @@ def probe(method, shape, dtype: str, mode: str, rounds: int = 0, error: bool = F
     )
     call()  # warm-up
     gc.collect()
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
     call()
-    extra = (_status_kb("VmHWM") - before) * 1024
+    extra = (status_kb("VmHWM") - before) * 1024
     if suite == "linear":
         logits_bytes = m.logits_bytes(inputs)
         working = extra - (m.gradient_bytes(inputs) if mode == "forward_backward" else 0)

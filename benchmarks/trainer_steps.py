@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from benchmarks.probe import status_kb
+
 MODEL = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512)
 VOCAB, PAIRS, BATCH, PROMPT, COMPLETION, MAX_LENGTH, LR = 32000, 16, 4, 96, 159, 256, 1e-5
 
@@ -126,30 +128,22 @@ def fastdpo_logits_step(directory: pathlib.Path, output_dir: str):
 STEPS = {"fastdpo": fastdpo_step, "fastdpo_logits": fastdpo_logits_step, "trl": trl_step}
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def probe(method: str, directory: pathlib.Path, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         step = STEPS[method](directory, out)
         gc.collect()
-        before = _status_kb("VmRSS")  # models, reference, data and trainer built; no step yet
+        before = status_kb("VmRSS")  # models, reference, data and trainer built; no step yet
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS mark to the current RSS
         for _ in range(3):  # the first creates AdamW's state; allocator pools settle
             step()
-        result = {"step_peak_bytes": (_status_kb("VmHWM") - before) * 1024, "loaded_rss_bytes": before * 1024}
+        result = {"step_peak_bytes": (status_kb("VmHWM") - before) * 1024, "loaded_rss_bytes": before * 1024}
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        result.update(peak_rss_bytes=_status_kb("VmHWM") * 1024)
+        result.update(peak_rss_bytes=status_kb("VmHWM") * 1024)
         if times:
             result.update(times=times, median_s=statistics.median(times))
         return result
