@@ -120,7 +120,11 @@ def probe_in_subprocess(
     # A fixed mmap threshold makes glibc return every freed buffer above 64 KB to the system,
     # so the peak resident size counts what one call holds at once, not what the warm-up left
     # cached in the heap (glibc otherwise raises its threshold after the first large free).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    # MALLOC_MMAP_MAX_ back at glibc's default, in case the caller disabled mmap (a setting that
+    # keeps big buffers resident, see the README) and so would hide the peak.
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_MAX_="65536"
+    )
     out = subprocess.run(
         args + (["--error"] if error else []), capture_output=True, text=True, timeout=timeout, env=env
     )
