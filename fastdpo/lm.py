@@ -63,7 +63,7 @@ def hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """``(hidden [N, T, H], weight [V, H], bias [V] or None)``: the backbone output and the LM head.
 
     All three in one dtype: the autocast dtype when autocast is on (as ``nn.Linear`` would run
-    under it), else the head's. The caller runs the fused loss with autocast off (:func:`no_autocast`).
+    under it), else the head's. The fused linear path turns autocast off inside its own tiles.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     head = model.get_output_embeddings()
@@ -71,11 +71,6 @@ def hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
     bias = None if head.bias is None else head.bias.to(dtype)
     return hidden.last_hidden_state.to(dtype), head.weight.to(dtype), bias
-
-
-def no_autocast(tensor: torch.Tensor):
-    """The fused linear kernels choose their own precision (float32 statistics): no autocast inside."""
-    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +92,7 @@ class PolicyLoss(nn.Module):
     def forward(self, input_ids, attention_mask, labels, ref_logps=None) -> DPOOutput:
         if self.fused:
             hidden, weight, bias = hidden_and_head(self.model, input_ids, attention_mask)
-            with no_autocast(hidden):
-                return self.loss_fn(hidden, weight, labels, bias=bias, ref_logps=ref_logps)
+            return self.loss_fn(hidden, weight, labels, bias=bias, ref_logps=ref_logps)
         return self.loss_fn(logits_of(self.model, input_ids, attention_mask), labels, ref_logps=ref_logps)
 
 
@@ -115,6 +109,5 @@ def model_sequence_logps(
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if fused:
         hidden, weight, bias = hidden_and_head(model, ids, mask)
-        with no_autocast(hidden):
-            return linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, backend=backend)
+        return linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, backend=backend)
     return sequence_logps(logits_of(model, ids, mask), labels, average=average, backend=backend)
