@@ -137,13 +137,12 @@ PEERS = {"trl-chunked-logprob": ("trl", _trl), "liger-fused-linear-dpo": ("liger
 
 def available_methods() -> dict[str, Callable]:
     methods = {}
-    if "native" in fastdpo.available_backends("cpu"):
+    native = "native" in fastdpo.available_backends("cpu")
+    if native:
         methods["fastdpo-fused-linear"] = _fastdpo("native")
     methods["fastdpo-fused-linear-torch"] = _fastdpo("torch")
     methods["unfused-reference"] = _unfused_reference
-    methods["unfused-native" if "native" in fastdpo.available_backends("cpu") else "unfused-torch"] = (
-        _unfused_native
-    )
+    methods["unfused-native" if native else "unfused-torch"] = _unfused_native
     for name, (module, fn) in PEERS.items():
         if importlib.util.find_spec(module) is not None:
             methods[name] = fn
