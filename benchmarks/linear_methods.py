@@ -83,11 +83,11 @@ def _unfused_native(x):
 
 
 def _unfused_reference(x):
-    from fastdpo.reference import reference_sequence_logps
+    from fastdpo.naive import naive_sequence_logps
 
     with torch.no_grad():
-        ref = reference_sequence_logps(x["ref_hidden"] @ x["weight"].T, x["labels"])
-    policy = reference_sequence_logps(x["hidden"] @ x["weight"].T, x["labels"])
+        ref = naive_sequence_logps(x["ref_hidden"] @ x["weight"].T, x["labels"])
+    policy = naive_sequence_logps(x["hidden"] @ x["weight"].T, x["labels"])
     losses, _, _ = fastdpo.preference_loss(*policy.chunk(2), *ref.chunk(2), beta=BETA)
     return losses.mean(), policy
 

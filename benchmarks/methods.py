@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 import fastdpo
-from fastdpo.reference import reference_sequence_logps
+from fastdpo.naive import naive_sequence_logps
 
 IGNORE_FRACTION = 0.3
 # (pairs, T, V) from the core issue; N = 2 * pairs rows.
@@ -46,7 +46,7 @@ _compiled_reference = None
 def _compiled(logits, labels):
     global _compiled_reference
     if _compiled_reference is None:
-        _compiled_reference = torch.compile(reference_sequence_logps, dynamic=False)
+        _compiled_reference = torch.compile(naive_sequence_logps, dynamic=False)
     return _compiled_reference(logits, labels)
 
 
@@ -77,7 +77,7 @@ def available_methods() -> dict[str, Callable]:
         methods[f"fastdpo-{backend}"] = lambda x, y, b=backend: fastdpo.sequence_logps(x, y, backend=b)
     if "fastdpo-native" in methods:
         methods["fastdpo-native-inplace"] = _native_inplace
-    methods["reference"] = reference_sequence_logps
+    methods["reference"] = naive_sequence_logps
     methods["reference-compiled"] = _compiled
     if importlib.util.find_spec("trl") is not None:
         methods["trl-selective-log-softmax"] = _trl_sequence_logps

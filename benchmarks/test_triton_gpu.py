@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.methods import DTYPES, SHAPES, make_inputs, run_once
 from fastdpo import DPOLoss, sequence_logps
-from fastdpo.reference import reference_sequence_logps
+from fastdpo.naive import naive_sequence_logps
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -90,13 +90,13 @@ _compiled = {}
 
 def _reference_compiled(logits, labels):
     if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(reference_sequence_logps, dynamic=False)
+        _compiled["fn"] = torch.compile(naive_sequence_logps, dynamic=False)
     return _compiled["fn"](logits, labels)
 
 
 METHODS = {
     "fastdpo-triton": lambda x, y: sequence_logps(x, y, backend="triton"),
-    "reference": reference_sequence_logps,
+    "reference": naive_sequence_logps,
     "reference-compiled": _reference_compiled,
     "trl-fused-kernel": _trl_fused,
 }

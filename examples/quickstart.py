@@ -6,7 +6,7 @@ import time
 import torch
 
 import fastdpo
-from fastdpo.reference import reference_sequence_logps
+from fastdpo.naive import naive_sequence_logps
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     ref_logits = policy_logits + 0.1 * torch.randn_like(policy_logits)
 
     print(f"logits [{2 * pairs}, {seq_len}, {vocab}] float32; backends here: {fastdpo.available_backends()}")
-    exact = reference_sequence_logps(policy_logits, labels)
+    exact = naive_sequence_logps(policy_logits, labels)
     for backend in fastdpo.available_backends():
         logits = policy_logits.clone().requires_grad_(True)
         start = time.perf_counter()

@@ -9,8 +9,8 @@ the same from hidden states and the LM head without ever holding the logits. ``D
 
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
 from fastdpo.logps import available_backends, fused_logps, sequence_logps, token_logps
-from fastdpo.loss import DPOLoss, DPOOutput, FusedLinearDPOLoss
-from fastdpo.losses import LOSS_TYPES, preference_loss
+from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
+from fastdpo.functional import LOSS_TYPES, preference_loss
 from fastdpo.trainer import DPOConfig, DPOTrainer
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from torch import nn
 
 from fastdpo.linear import linear_sequence_logps
 from fastdpo.logps import sequence_logps
-from fastdpo.loss import DPOLoss, DPOOutput, FusedLinearDPOLoss
+from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
 
 # Config attributes with which a model's logits are not ``hidden @ W.T + b`` (as in TRL's fused head).
 LOGIT_TRANSFORMS = (

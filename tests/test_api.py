@@ -6,7 +6,7 @@ from helpers import BACKENDS, make_inputs
 
 import fastdpo
 from fastdpo import DPOLoss, preference_loss, sequence_logps, token_logps
-from fastdpo.reference import reference_mean_logit_sums, reference_sequence_logps
+from fastdpo.naive import naive_mean_logit_sums, naive_sequence_logps
 
 
 def dpo_batch(pairs=3, t=9, v=29, dtype=torch.float32, seed=0):
@@ -23,8 +23,8 @@ def test_dpo_loss_matches_reference_pipeline(backend):
     out.loss.backward()
 
     y = logits.clone().requires_grad_(True)
-    pi = reference_sequence_logps(y, labels)
-    ref = reference_sequence_logps(ref_logits, labels)
+    pi = naive_sequence_logps(y, labels)
+    ref = naive_sequence_logps(ref_logits, labels)
     losses, cr, rr = preference_loss(pi[:3], pi[3:], ref[:3], ref[3:], beta=0.2)
     losses.mean().backward()
 
@@ -44,7 +44,7 @@ def test_metrics_use_trl_names_and_values(backend):
         "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
     }  # fmt: skip
     assert all(isinstance(v, float) for v in m.values())
-    sums = reference_mean_logit_sums(logits, labels)
+    sums = naive_mean_logit_sums(logits, labels)
     counts = (labels[:, 1:] != -100).sum(-1)
     v = logits.shape[-1]
     assert m["logits/chosen"] == pytest.approx(
@@ -60,7 +60,7 @@ def test_metrics_use_trl_names_and_values(backend):
 
 def test_precomputed_ref_logps_equal_ref_logits():
     logits, labels, ref_logits = dpo_batch()
-    ref_logps = reference_sequence_logps(ref_logits, labels)
+    ref_logps = naive_sequence_logps(ref_logits, labels)
     a = DPOLoss()(logits, labels, ref_logits)
     b = DPOLoss()(logits, labels, ref_logps=ref_logps)
     torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
@@ -76,7 +76,7 @@ def test_reference_free_sets_reference_to_zero():
 def test_average_log_prob_uses_means():
     logits, labels, ref_logits = dpo_batch()
     out = DPOLoss(average_log_prob=True)(logits, labels, ref_logits)
-    expected = reference_sequence_logps(logits, labels, average=True)[:3]
+    expected = naive_sequence_logps(logits, labels, average=True)[:3]
     torch.testing.assert_close(out.policy_chosen_logps, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def test_loss_list_and_sft_term():
     logits, labels, ref_logits = dpo_batch()
     out = DPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])(logits, labels, ref_logits)
     base = DPOLoss()(logits, labels, ref_logits)
-    pi = reference_sequence_logps(logits, labels)[:3]
+    pi = naive_sequence_logps(logits, labels)[:3]
     n = (labels[:3, 1:] != -100).sum()
     torch.testing.assert_close(out.loss, base.loss + 0.5 * (-pi.sum() / n), atol=1e-5, rtol=1e-5)
 

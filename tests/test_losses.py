@@ -21,7 +21,7 @@ def sig(z):
 
 
 def hand(loss_type, pi_c, pi_r, ref_c, ref_r, n_c, n_r, *, beta=BETA, eps=EPS):
-    """The DESIGN.md table, one pair at a time, in plain floats (not aot/sft: batch-level)."""
+    """The docs/design.md table, one pair at a time, in plain floats (not aot/sft: batch-level)."""
     h_c, h_r = pi_c - ref_c, pi_r - ref_r
     d = h_c - h_r
     z = beta * d

@@ -14,7 +14,7 @@ from helpers import (
 )
 
 from fastdpo import fused_logps, sequence_logps
-from fastdpo.reference import reference_mean_logit_sums, reference_sequence_logps, reference_token_logps
+from fastdpo.naive import naive_mean_logit_sums, naive_sequence_logps, naive_token_logps
 
 # (N, T, V): odd vocabularies, T of 1 and 2, a batch of one pair, a vocabulary past one SIMD block.
 SHAPES = [(2, 5, 7), (4, 9, 130), (2, 2, 33), (6, 13, 1000), (2, 4, 4099)]
@@ -29,7 +29,7 @@ def _check_forward_and_grad(backend, logits, labels, *, ignore_index=-100, shift
     assert out.token_logps.dtype == torch.float32
     assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
     assert_close_verbose(out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * t, what="sequence_logps")
-    ref_sums = reference_mean_logit_sums(logits, labels, ignore_index=ignore_index, shift=shift)
+    ref_sums = naive_mean_logit_sums(logits, labels, ignore_index=ignore_index, shift=shift)
     assert_close_verbose(
         out.logit_sums, ref_sums, atol=1e-3 * logits.shape[-1] * t, rtol=1e-5, what="logit_sums"
     )
@@ -131,7 +131,7 @@ def test_grad_through_view_lands_in_base(backend):
     seq = sequence_logps(base[:, ::2, :20], labels, backend=backend)
     seq.sum().backward()
     ref = base.detach().clone().requires_grad_(True)
-    reference_sequence_logps(ref[:, ::2, :20], labels).sum().backward()
+    naive_sequence_logps(ref[:, ::2, :20], labels).sum().backward()
     torch.testing.assert_close(base.grad, ref.grad, atol=1e-6, rtol=1e-5)
 
 
@@ -142,7 +142,7 @@ def test_matches_reference_implementation(backend, dtype):
     logits, labels = make_inputs(4, 16, 257, dtype)
     exact = ground_truth_token_logps(logits, labels).sum(-1)
     ours = sequence_logps(logits, labels, backend=backend)
-    ref = reference_sequence_logps(logits, labels)
+    ref = naive_sequence_logps(logits, labels)
     torch.testing.assert_close(ours, ref, atol=LOGP_ATOL[dtype] * 16, rtol=0)
     assert (ours.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + 1e-4
 
@@ -152,7 +152,7 @@ def test_average(backend):
     logits, labels = make_inputs(4, 10, 23)
     labels[3] = -100
     ours = sequence_logps(logits, labels, average=True, backend=backend)
-    ref = reference_sequence_logps(logits, labels, average=True)
+    ref = naive_sequence_logps(logits, labels, average=True)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert ours[3] == 0
 
@@ -175,7 +175,7 @@ def test_reference_is_the_float32_log_softmax_path():
         -1, labels[:, 1:].clamp(min=0)[..., None]
     )[..., 0]
     expected = expected * (labels[:, 1:] != -100)
-    torch.testing.assert_close(reference_token_logps(logits, labels), expected)
+    torch.testing.assert_close(naive_token_logps(logits, labels), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

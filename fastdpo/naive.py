@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def reference_token_logps(
+def naive_token_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True
 ) -> torch.Tensor:
     """Per-token log-probs ``[N, T']`` (float32): upcast, log_softmax, gather, mask."""
@@ -22,7 +22,7 @@ def reference_token_logps(
     return picked * mask
 
 
-def reference_sequence_logps(
+def naive_sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -30,8 +30,8 @@ def reference_sequence_logps(
     shift: bool = True,
     average: bool = False,
 ) -> torch.Tensor:
-    """Per-sequence sums ``[N]`` of :func:`reference_token_logps` (or means when ``average``)."""
-    per_token = reference_token_logps(logits, labels, ignore_index=ignore_index, shift=shift)
+    """Per-sequence sums ``[N]`` of :func:`naive_token_logps` (or means when ``average``)."""
+    per_token = naive_token_logps(logits, labels, ignore_index=ignore_index, shift=shift)
     total = per_token.sum(-1)
     if not average:
         return total
@@ -40,7 +40,7 @@ def reference_sequence_logps(
     return total / counts.clamp(min=1)
 
 
-def reference_mean_logit_sums(
+def naive_mean_logit_sums(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True
 ) -> torch.Tensor:
     """Per-sequence sum over counted tokens of the logits' vocabulary sum ``[N]`` (float32)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastdpo.linear import fused_linear_logps
 from fastdpo.logps import FusedLogps, fused_logps
-from fastdpo.losses import check_loss_options, preference_loss
+from fastdpo.functional import check_loss_options, preference_loss
 
 
 @dataclass

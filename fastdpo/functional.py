@@ -1,6 +1,6 @@
 """Preference losses: pure functions of per-sequence log-probs, named and defined as in TRL 1.16.
 
-With ``h_c = pi_c - ref_c``, ``h_r = pi_r - ref_r`` and ``d = h_c - h_r``; see DESIGN.md for the
+With ``h_c = pi_c - ref_c``, ``h_r = pi_r - ref_r`` and ``d = h_c - h_r``; see docs/design.md for the
 table of formulas. Rewards are ``beta * h``, detached.
 """
 
