@@ -1,7 +1,9 @@
 """Preference losses: pure functions of per-sequence log-probs, named and defined as in TRL 1.16.
 
-With ``h_c = pi_c - ref_c``, ``h_r = pi_r - ref_r`` and ``d = h_c - h_r``; see docs/design.md for the
-table of formulas. Rewards are ``beta * h``, detached.
+Follows TRL 1.16.0's ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py) and, for ``simpo``,
+its ``CPOTrainer.cpo_loss`` (trl/experimental/cpo/cpo_trainer.py). With ``h_c = pi_c - ref_c``,
+``h_r = pi_r - ref_r`` and ``d = s(h_c) - s(h_r)`` (``s`` = the f-divergence score, the identity by
+default); docs/design.md has the table of formulas. Rewards are ``beta * h``, detached.
 """
 
 from __future__ import annotations
@@ -13,16 +15,31 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = (
-    "sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
-    "sppo_hard", "aot", "aot_unpaired", "aot_pair", "apo_zero", "apo_down", "discopop", "simpo", "sft",
-)  # fmt: skip
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "sigmoid_norm",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "aot_pair",  # older TRL name of aot_unpaired
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "simpo",
+    "sft",
+)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # As in TRL: other divergences only make sense for losses built on the (normalised) score difference.
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 
 
 def _scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
-    """f'(u) of the policy/reference ratio u = exp(logratios), as TRL's ``f_divergence_type``."""
+    """f'(u) of the policy/reference ratio u = exp(logratios) (f-DPO, Wang et al. 2023, arXiv 2309.16240)."""
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
@@ -37,6 +54,7 @@ def _scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> to
 
 
 def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``-log sigmoid(z)`` when the label is right with probability ``1 - eps`` (cDPO's smoothing)."""
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
@@ -44,46 +62,62 @@ def _one_loss(loss_type: str, beta: float, eps: float, t: dict, opts: dict) -> t
     """Per-pair loss [B] of one loss type; ``t`` holds the shared intermediate tensors."""
     h_c, h_r, d = t["h_c"], t["h_r"], t["d"]
     if loss_type == "sigmoid":
+        # DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0: cDPO (Mitchell 2023, ericmitchell.ai/cdpo.pdf)
         return _smoothed_sigmoid(beta * d, eps)
     if loss_type == "robust":
+        # Provably robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): unbiased under label flips w.p. eps
         return (-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d)) / (1 - 2 * eps)
     if loss_type == "hinge":
+        # SLiC, Zhao et al. 2023 (arXiv 2305.10425) sec. 2; on the normalised likelihood as in RSO (arXiv 2309.06657)
         return torch.relu(1 - beta * d)
     if loss_type == "ipo":
+        # IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, on per-token mean log-ratios as in TRL
         return (t["s_c"] / t["n_c"] - t["s_r"] / t["n_r"] - 1 / (2 * beta)) ** 2
     if loss_type == "sigmoid_norm":
+        # Length-normalised DPO: "DPO w/ LN" of SimPO (arXiv 2405.14734), as used by Tulu 3 (arXiv 2411.15124)
         return -F.logsigmoid(beta * (t["s_c"] / t["n_c"] - t["s_r"] / t["n_r"]))
     if loss_type == "exo_pair":
+        # EXO, Ji et al. 2024 (arXiv 2402.00856) eq. 16: reverse KL to the smoothed label [1 - eps, eps]
         z = beta * d
         return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
             F.logsigmoid(-z) - math.log(eps)
         )
     if loss_type == "nca_pair":
+        # NCA, Chen et al. 2024 (arXiv 2402.05369): pairwise noise-contrastive alignment
         return -F.logsigmoid(beta * h_c) - 0.5 * F.logsigmoid(-beta * h_c) - 0.5 * F.logsigmoid(-beta * h_r)
     if loss_type == "bco_pair":
+        # BCO, Jung et al. 2024 (arXiv 2404.04656): chosen -> 1, rejected -> 0, TRL's paired form
         return -F.logsigmoid(beta * h_c) - F.logsigmoid(-beta * h_r)
     if loss_type == "sppo_hard":
+        # SPPO, Wu et al. 2024 (arXiv 2405.00675) eq. 4.7 with hard probabilities (1 winner, 0 loser)
         return (h_c - 0.5 / beta) ** 2 + (h_r + 0.5 / beta) ** 2
     if loss_type == "aot":
+        # AOT, Melnyk et al. 2024 (arXiv 2406.05882), paired: sorted policy vs sorted reference margins
         pi_c, pi_r, ref_c, ref_r = t["pi_c"], t["pi_r"], t["ref_c"], t["ref_r"]
         delta = torch.sort(pi_c - pi_r, dim=0).values - torch.sort(ref_c - ref_r, dim=0).values
         return _smoothed_sigmoid(beta * delta, eps)
     if loss_type in ("aot_unpaired", "aot_pair"):
+        # AOT, Melnyk et al. 2024 (arXiv 2406.05882), unpaired: sorted chosen vs sorted rejected ratios
         delta = torch.sort(h_c, dim=0).values - torch.sort(h_r, dim=0).values
         return _smoothed_sigmoid(beta * delta, eps)
     if loss_type == "apo_zero":
+        # APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266) eq. 7
         return 1 - torch.sigmoid(beta * h_c) + torch.sigmoid(beta * h_r)
     if loss_type == "apo_down":
+        # APO-down, D'Oosterlinck et al. 2024 (arXiv 2408.06266) eq. 8
         return torch.sigmoid(beta * h_c) + 1 - torch.sigmoid(beta * d)
     if loss_type == "discopop":
+        # DiscoPOP (log-ratio modulated loss), Chris Lu et al. 2024 (arXiv 2406.08414) eq. 5
         z = beta * d
         m = torch.sigmoid(z / opts["discopop_tau"])
         return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
     if loss_type == "simpo":
+        # SimPO, Meng et al. 2024 (arXiv 2405.14734)
         z = beta * (t["pi_c"] / t["n_c"] - t["pi_r"] / t["n_r"]) - opts["simpo_gamma"]
         return -F.logsigmoid(z)
     if loss_type == "sft":
-        # Mean NLL over every chosen completion token of the batch, spread over the pairs.
+        # NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733): the mean over every
+        # chosen token of the batch, spread over the pairs.
         nll = -t["pi_c"].sum() / t["n_c"].sum().clamp(min=1)
         return nll.expand_as(t["pi_c"])
     raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
@@ -160,8 +194,8 @@ def preference_loss(
     h_c, h_r = pi_c - ref_c, pi_r - ref_r
     s_c = _scores(h_c, f_divergence_type, f_alpha_divergence_coef)
     s_r = _scores(h_r, f_divergence_type, f_alpha_divergence_coef)
-    shared = dict(pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r, h_c=h_c, h_r=h_r, d=s_c - s_r,
-                  s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r)  # fmt: skip
+    shared = dict(pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r, h_c=h_c, h_r=h_r, d=s_c - s_r)
+    shared.update(s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r)
     opts = dict(discopop_tau=discopop_tau, simpo_gamma=simpo_gamma)
     losses = sum(w * _one_loss(name, beta, label_smoothing, shared, opts) for name, w in zip(types, weights))
     return losses, (beta * h_c).detach(), (beta * h_r).detach()
