@@ -49,12 +49,17 @@ def _scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> to
     # alpha_divergence: (u^(alpha-1) - 1) / (alpha-1), reverse KL in the limit alpha -> 1
     if abs(alpha - 1.0) < 1e-6:
         return logratios
-    t = torch.clamp((alpha - 1.0) * logratios.float(), max=80.0)  # keep exp finite
+    # At least float32 (float64 stays float64); the clamp keeps exp finite in the output dtype, as TRL's.
+    compute = torch.promote_types(logratios.dtype, torch.float32)
+    limit = 11.0 if logratios.dtype == torch.float16 else 80.0
+    t = torch.clamp((alpha - 1.0) * logratios.to(compute), max=limit)
     return ((torch.exp(t) - 1.0) / (alpha - 1.0)).to(logratios.dtype)
 
 
 def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``-log sigmoid(z)`` when the label is right with probability ``1 - eps`` (cDPO's smoothing)."""
+    if eps == 0:  # no 0 * inf = nan for an infinite margin
+        return -F.logsigmoid(z)
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
