@@ -16,7 +16,11 @@ from fastdpo.functional import check_loss_options, preference_loss
 
 @dataclass
 class DPOOutput:
-    """Result of a DPO loss call. Every per-pair tensor is ``[B]`` float32."""
+    """Result of a DPO loss call. Every per-pair tensor is ``[B]`` float32.
+
+    Nothing here has left the device: :meth:`metric_tensors` gives TRL's metrics as detached
+    tensors, and only :meth:`metrics` (one transfer, so one device sync) turns them into floats.
+    """
 
     loss: torch.Tensor  # scalar, mean over pairs (plus any sft term)
     chosen_rewards: torch.Tensor
@@ -25,23 +29,31 @@ class DPOOutput:
     policy_rejected_logps: torch.Tensor
     ref_chosen_logps: torch.Tensor
     ref_rejected_logps: torch.Tensor
-    # Mean logit over the vocabulary and the counted tokens of all chosen / rejected rows.
-    mean_chosen_logit: float = float("nan")
-    mean_rejected_logit: float = float("nan")
+    # Mean logit over the vocabulary and the counted tokens of all chosen / rejected rows: 0-dim
+    # float64 tensors, 0 when no token is counted (see mean_logits).
+    mean_chosen_logit: torch.Tensor | None = None
+    mean_rejected_logit: torch.Tensor | None = None
+
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """TRL's DPOTrainer metrics (batch means) as detached 0-dim tensors, without a device sync."""
+        chosen, rejected = self.chosen_rewards.detach(), self.rejected_rewards.detach()
+        missing = torch.full((), float("nan"), device=chosen.device)
+        return {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "logps/chosen": self.policy_chosen_logps.detach().mean(),
+            "logps/rejected": self.policy_rejected_logps.detach().mean(),
+            "logits/chosen": missing if self.mean_chosen_logit is None else self.mean_chosen_logit,
+            "logits/rejected": missing if self.mean_rejected_logit is None else self.mean_rejected_logit,
+        }
 
     def metrics(self) -> dict[str, float]:
-        """Floats under TRL's DPOTrainer names (batch means)."""
-        margins = self.chosen_rewards - self.rejected_rewards
-        return {
-            "rewards/chosen": self.chosen_rewards.mean().item(),
-            "rewards/rejected": self.rejected_rewards.mean().item(),
-            "rewards/accuracies": (self.chosen_rewards > self.rejected_rewards).float().mean().item(),
-            "rewards/margins": margins.mean().item(),
-            "logps/chosen": self.policy_chosen_logps.detach().mean().item(),
-            "logps/rejected": self.policy_rejected_logps.detach().mean().item(),
-            "logits/chosen": self.mean_chosen_logit,
-            "logits/rejected": self.mean_rejected_logit,
-        }
+        """:meth:`metric_tensors` as floats, in one transfer to the host (call it when logging)."""
+        tensors = self.metric_tensors()
+        values = torch.stack([t.double() for t in tensors.values()]).tolist()
+        return dict(zip(tensors, values))
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +65,18 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.chunk(2, dim=0)
 
 
-def mean_logits(logit_sums: torch.Tensor, counts: torch.Tensor, vocab: int) -> tuple[float, float]:
-    """TRL's ``logits/chosen`` and ``logits/rejected``: mean logit over vocab and counted tokens."""
-    sums = [s.sum().item() for s in split_pairs(logit_sums.detach())]
-    tokens = [c.sum().item() for c in split_pairs(counts)]
-    return tuple(s / (n * vocab) if n else 0.0 for s, n in zip(sums, tokens))
+def mean_logits(
+    logit_sums: torch.Tensor, counts: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's ``logits/chosen`` and ``logits/rejected``: mean logit over vocab and counted tokens.
+
+    0-dim float64 tensors, 0 when no token is counted; no device sync.
+    """
+    means = []
+    for sums, tokens in zip(split_pairs(logit_sums.detach()), split_pairs(counts)):
+        entries = tokens.sum().double() * vocab
+        means.append(torch.where(entries > 0, sums.sum().double() / entries.clamp(min=1), 0.0))
+    return means[0], means[1]
 
 
 class _DPOLossBase(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from helpers import BACKENDS, make_inputs
 
 import fastdpo
-from fastdpo import DPOLoss, preference_loss, sequence_logps, token_logps
+from fastdpo import DPOLoss, FusedLinearDPOLoss, preference_loss, sequence_logps, token_logps
 from fastdpo.naive import naive_mean_logit_sums, naive_sequence_logps
 
 
@@ -55,6 +55,28 @@ def test_metrics_use_trl_names_and_values(backend):
     margins = out.chosen_rewards - out.rejected_rewards
     assert m["rewards/margins"] == pytest.approx(margins.mean().item())
     assert m["rewards/accuracies"] == pytest.approx((margins > 0).float().mean().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_forward_keeps_metrics_on_the_device(monkeypatch, backend, fused_linear):
+    """No .item() / .tolist() / float() in the loss: on CUDA each is a device sync every step."""
+    logits, labels, _ = dpo_batch()
+    hidden, weight = torch.randn(6, 9, 8), torch.randn(29, 8)
+
+    def sync(*_):
+        raise AssertionError("the loss forward moved a value to the host")
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    if fused_linear:
+        out = FusedLinearDPOLoss(backend=backend)(hidden, weight, labels, ref_hidden=hidden.flip(0))
+    else:
+        out = DPOLoss(backend=backend)(logits, labels, ref_logps=torch.zeros(6))
+    tensors = out.metric_tensors()
+    monkeypatch.undo()
+    assert all(t.dim() == 0 and not t.requires_grad for t in tensors.values())
+    assert out.metrics() == pytest.approx({name: t.item() for name, t in tensors.items()})
 
 
 def test_precomputed_ref_logps_equal_ref_logits():
