@@ -70,12 +70,14 @@ def mean_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's ``logits/chosen`` and ``logits/rejected``: mean logit over vocab and counted tokens.
 
-    0-dim float64 tensors, 0 when no token is counted; no device sync.
+    0-dim float64 tensors, 0 when no token is counted; no device sync. The float32 per-row sums
+    are added in float64: their float32 total overflows for logits near the float32 maximum though
+    the mean is representable.
     """
     means = []
     for sums, tokens in zip(split_pairs(logit_sums.detach()), split_pairs(counts)):
         entries = tokens.sum().double() * vocab
-        means.append(torch.where(entries > 0, sums.sum().double() / entries.clamp(min=1), 0.0))
+        means.append(torch.where(entries > 0, sums.double().sum() / entries.clamp(min=1), 0.0))
     return means[0], means[1]
 
 

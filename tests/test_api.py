@@ -79,6 +79,23 @@ def test_forward_keeps_metrics_on_the_device(monkeypatch, backend, fused_linear)
     assert out.metrics() == pytest.approx({name: t.item() for name, t in tensors.items()})
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_logits_metric_near_the_float32_maximum(backend, fused_linear):
+    """Each row's logit sum (4 tokens x 7 entries x 7e36 = 1.96e38) fits in float32, their total
+    over 3 rows does not; the mean, 7e36, is representable and must come out."""
+    labels = torch.zeros(6, 5, dtype=torch.long)
+    if fused_linear:
+        out = FusedLinearDPOLoss(reference_free=True, backend=backend)(
+            torch.full((6, 5, 1), 7e36), torch.ones(7, 1), labels
+        )
+    else:
+        out = DPOLoss(reference_free=True, backend=backend)(torch.full((6, 5, 7), 7e36), labels)
+    m = out.metrics()
+    assert m["logits/chosen"] == pytest.approx(7e36, rel=1e-6)
+    assert m["logits/rejected"] == pytest.approx(7e36, rel=1e-6)
+
+
 def test_precomputed_ref_logps_equal_ref_logits():
     logits, labels, ref_logits = dpo_batch()
     ref_logps = naive_sequence_logps(ref_logits, labels)
