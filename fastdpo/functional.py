@@ -9,6 +9,7 @@ default); docs/design.md has the table of formulas. Rewards are ``beta * h``, de
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,7 @@ LOSS_TYPES = (
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # As in TRL: other divergences only make sense for losses built on the (normalised) score difference.
 F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+LOGP_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
 def _scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
@@ -128,38 +130,99 @@ def _one_loss(loss_type: str, beta: float, eps: float, t: dict, opts: dict) -> t
     raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
 
 
+def check_number(name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a float: a TypeError unless a real number, a ValueError unless finite (and > 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return value
+
+
 def check_loss_options(
     loss_type: str | Sequence[str],
     loss_weights: Sequence[float] | None,
     beta: float,
     label_smoothing: float,
     f_divergence_type: str,
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    simpo_gamma: float = 0.5,
 ) -> tuple[list[str], list[float]]:
     """Validate the options shared by ``preference_loss`` and ``DPOLoss``; return (types, weights)."""
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if isinstance(loss_type, str):
+        types = [loss_type]
+    elif isinstance(loss_type, Sequence) and all(isinstance(name, str) for name in loss_type):
+        types = list(loss_type)
+    else:
+        raise TypeError(f"loss_type must be a loss name or a list of them, got {loss_type!r}")
     if not types:
         raise ValueError("loss_type must name at least one loss")
     for name in types:
         if name not in LOSS_TYPES:
             raise ValueError(f"unknown loss_type {name!r}; choose from {LOSS_TYPES}")
-    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    elif isinstance(loss_weights, Sequence) and not isinstance(loss_weights, str):
+        weights = [check_number(f"loss_weights[{k}]", w) for k, w in enumerate(loss_weights)]
+    else:
+        raise TypeError(f"loss_weights must be a list of numbers, got {type(loss_weights).__name__}")
     if len(weights) != len(types):
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if "robust" in types and label_smoothing >= 0.5:
+    beta = check_number("beta", beta, positive=True)
+    eps = check_number("label_smoothing", label_smoothing)
+    if not 0.0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {eps}")
+    if "robust" in types and eps >= 0.5:
         raise ValueError("loss_type 'robust' needs label_smoothing < 0.5 (it divides by 1 - 2*eps)")
-    if "exo_pair" in types and label_smoothing <= 0:
+    if "exo_pair" in types and eps <= 0:
         raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (1e-3 is the usual choice)")
-    if f_divergence_type not in F_DIVERGENCES:
+    if not isinstance(f_divergence_type, str) or f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; choose from {F_DIVERGENCES}")
     if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSSES:
         raise ValueError(
             f"f_divergence_type {f_divergence_type!r} works only with {sorted(F_DIVERGENCE_LOSSES)}, got {types}"
         )
+    check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    check_number("discopop_tau", discopop_tau, positive=True)
+    check_number("simpo_gamma", simpo_gamma)
     return types, weights
+
+
+def _check_logps(tensors: Sequence[torch.Tensor]) -> None:
+    """The four log-prob tensors: floating, one ``[B]`` shape with ``B >= 1``, one device."""
+    for name, x in zip(LOGP_NAMES, tensors):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() != 1:
+            raise ValueError(f"{name} must be [B] (one value per pair), got shape {tuple(x.shape)}")
+        if x.device != tensors[0].device:
+            raise ValueError(f"{name} is on {x.device} but {LOGP_NAMES[0]} is on {tensors[0].device}")
+    shapes = [tuple(x.shape) for x in tensors]
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            f"the four log-prob tensors must share one [B] shape, got {dict(zip(LOGP_NAMES, shapes))}"
+        )
+    if shapes[0][0] == 0:
+        raise ValueError("empty batch: the log-prob tensors hold no pairs (B = 0)")
+
+
+def _check_counts(name: str, counts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Token counts ``[B]`` (integer or float) on the log-probs' device, as the log-probs' dtype."""
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(counts).__name__}")
+    if counts.dtype == torch.bool or counts.dtype.is_complex:
+        raise TypeError(f"{name} must hold token counts (integer or float), got {counts.dtype}")
+    if tuple(counts.shape) != tuple(like.shape):
+        raise ValueError(
+            f"{name} must be [B] = {list(like.shape)} like the log-probs, got {tuple(counts.shape)}"
+        )
+    if counts.device != like.device:
+        raise ValueError(f"{name} is on {counts.device} but the log-probs are on {like.device}")
+    return counts.to(like.dtype)
 
 
 def preference_loss(
@@ -181,26 +244,34 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses ``[B]`` and rewards ``beta * (pi - ref)`` (detached) from ``[B]`` log-probs.
 
-    ``chosen_counts`` / ``rejected_counts`` are the completion-token counts that ``ipo``,
-    ``sigmoid_norm``, ``simpo`` and ``sft`` normalise by (1 when omitted, i.e. the log-probs
-    are already averages). A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``.
+    The four log-probs are floating ``[B]`` tensors on one device. ``chosen_counts`` /
+    ``rejected_counts`` (``[B]``, both or neither) are the completion-token counts that ``ipo``,
+    ``sigmoid_norm``, ``simpo`` and ``sft`` normalise by (1 when omitted, i.e. the log-probs are
+    already averages). A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``. Each bad
+    argument is a TypeError/ValueError that names it.
     """
-    types, weights = check_loss_options(loss_type, loss_weights, beta, label_smoothing, f_divergence_type)
+    more = dict(
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma
+    )
+    types, weights = check_loss_options(
+        loss_type, loss_weights, beta, label_smoothing, f_divergence_type, **more
+    )
+    beta, label_smoothing = float(beta), float(label_smoothing)
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    shapes = {tuple(x.shape) for x in tensors}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(
-            f"the four log-prob tensors must share one [B] shape, got {[tuple(x.shape) for x in tensors]}"
-        )
+    _check_logps(tensors)
+    if (chosen_counts is None) != (rejected_counts is None):
+        raise ValueError("give both chosen_counts and rejected_counts, or neither")
     pi_c, pi_r, ref_c, ref_r = tensors
-    ones = torch.ones_like(pi_c)
-    n_c = ones if chosen_counts is None else chosen_counts.to(pi_c).clamp(min=1)
-    n_r = ones if rejected_counts is None else rejected_counts.to(pi_r).clamp(min=1)
+    if chosen_counts is None:
+        n_c = n_r = torch.ones_like(pi_c)
+    else:
+        n_c = _check_counts("chosen_counts", chosen_counts, pi_c).clamp(min=1)
+        n_r = _check_counts("rejected_counts", rejected_counts, pi_r).clamp(min=1)
     h_c, h_r = pi_c - ref_c, pi_r - ref_r
     s_c = _scores(h_c, f_divergence_type, f_alpha_divergence_coef)
     s_r = _scores(h_r, f_divergence_type, f_alpha_divergence_coef)
     shared = dict(pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r, h_c=h_c, h_r=h_r, d=s_c - s_r)
     shared.update(s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r)
-    opts = dict(discopop_tau=discopop_tau, simpo_gamma=simpo_gamma)
+    opts = {"discopop_tau": float(discopop_tau), "simpo_gamma": float(simpo_gamma)}
     losses = sum(w * _one_loss(name, beta, label_smoothing, shared, opts) for name, w in zip(types, weights))
     return losses, (beta * h_c).detach(), (beta * h_r).detach()

@@ -252,8 +252,63 @@ def test_bad_ref_shapes_raise():
         DPOLoss()(logits, labels, ref_logits[:, :-1])
 
 
-def test_bad_loss_options_raise_at_construction():
-    with pytest.raises(ValueError, match="unknown loss_type"):
-        DPOLoss(loss_type="dpo")
-    with pytest.raises(ValueError, match="beta"):
-        DPOLoss(beta=-1.0)
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"loss_type": "dpo"}, ValueError, "unknown loss_type"),
+        ({"beta": -1.0}, ValueError, "beta"),
+        ({"beta": "0.1"}, TypeError, "beta"),
+        ({"beta": float("inf")}, ValueError, "beta"),
+        ({"loss_weights": [float("nan")]}, ValueError, r"loss_weights\[0\]"),
+        ({"discopop_tau": -1.0}, ValueError, "discopop_tau"),
+        ({"simpo_gamma": "0.5"}, TypeError, "simpo_gamma"),
+        ({"ignore_index": "-100"}, TypeError, "ignore_index"),
+        ({"reference_free": "yes"}, TypeError, "reference_free"),
+        ({"average_log_prob": 1}, TypeError, "average_log_prob"),
+        ({"shift": None}, TypeError, "shift"),
+        ({"backend": None}, TypeError, "backend"),
+    ],
+)
+@pytest.mark.parametrize("module", [DPOLoss, FusedLinearDPOLoss])
+def test_bad_loss_options_raise_at_construction(module, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        module(**kwargs)
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(TypeError, match="inplace_backward"):
+        DPOLoss(inplace_backward="no")
+
+
+def test_empty_batch_raises_instead_of_nan():
+    labels = torch.zeros(0, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="policy_logits is an empty batch"):
+        DPOLoss(reference_free=True)(torch.zeros(0, 5, 7), labels)
+    with pytest.raises(ValueError, match="hidden is an empty batch"):
+        FusedLinearDPOLoss(reference_free=True)(torch.zeros(0, 5, 4), torch.zeros(7, 4), labels)
+
+
+def test_bad_references_name_the_argument():
+    logits, labels, ref_logits = dpo_batch()
+    cases = [
+        ({"ref_logps": torch.zeros(6, device="meta")}, ValueError, "ref_logps is on meta"),
+        ({"ref_logps": torch.zeros(6, dtype=torch.long)}, TypeError, "ref_logps must hold floating"),
+        ({"ref_logps": [0.0] * 6}, TypeError, "ref_logps must be a torch.Tensor"),
+        ({"ref_logits": ref_logits.to("meta")}, ValueError, "ref_logits is on meta"),
+        (
+            {"ref_logits": ref_logits.double()},
+            TypeError,
+            r"reference pass \(ref_logits\): logits must be float32",
+        ),
+        ({"ref_logits": "logits"}, TypeError, "ref_logits must be a torch.Tensor"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            DPOLoss()(logits, labels, **kwargs)
+    hidden, weight = torch.randn(6, 9, 8), torch.randn(29, 8)
+    with pytest.raises(ValueError, match="ref_hidden is on meta"):
+        FusedLinearDPOLoss()(hidden, weight, labels, ref_hidden=hidden.to("meta"))
+    with pytest.raises(
+        ValueError, match=r"reference pass \(ref_hidden, ref_weight, ref_bias\): weight must be"
+    ):
+        FusedLinearDPOLoss()(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight[:, :4])

@@ -144,30 +144,94 @@ def test_losses_are_differentiable():
     assert not cr.requires_grad and not rr.requires_grad
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"loss_type": "nope"}, "unknown loss_type"),
-        ({"loss_type": ["sigmoid", "nope"]}, "unknown loss_type"),
-        ({"loss_type": []}, "at least one"),
-        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, "loss_weights"),
-        ({"beta": 0.0}, "beta"),
-        ({"label_smoothing": 0.7}, "label_smoothing"),
-        ({"loss_type": "robust", "label_smoothing": 0.5}, "robust"),
-        ({"loss_type": "exo_pair", "label_smoothing": 0.0}, "exo_pair"),
-        ({"f_divergence_type": "tv"}, "f_divergence_type"),
-        ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, "works only with"),
+        ({"loss_type": "nope"}, ValueError, "unknown loss_type"),
+        ({"loss_type": ["sigmoid", "nope"]}, ValueError, "unknown loss_type"),
+        ({"loss_type": []}, ValueError, "at least one"),
+        ({"loss_type": 5}, TypeError, "loss_type"),
+        ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, ValueError, "loss_weights"),
+        ({"loss_weights": [NAN]}, ValueError, r"loss_weights\[0\]"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, INF]}, ValueError, r"loss_weights\[1\]"),
+        ({"loss_weights": ["0.5"]}, TypeError, r"loss_weights\[0\]"),
+        ({"loss_weights": 1.0}, TypeError, "loss_weights"),
+        ({"beta": 0.0}, ValueError, "beta"),
+        ({"beta": INF}, ValueError, "beta"),
+        ({"beta": NAN}, ValueError, "beta"),
+        ({"beta": "0.1"}, TypeError, "beta"),
+        ({"beta": None}, TypeError, "beta"),
+        ({"beta": True}, TypeError, "beta"),
+        ({"label_smoothing": 0.7}, ValueError, "label_smoothing"),
+        ({"label_smoothing": NAN}, ValueError, "label_smoothing"),
+        ({"label_smoothing": "0"}, TypeError, "label_smoothing"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, ValueError, "robust"),
+        ({"loss_type": "exo_pair", "label_smoothing": 0.0}, ValueError, "exo_pair"),
+        ({"f_divergence_type": "tv"}, ValueError, "f_divergence_type"),
+        ({"f_divergence_type": None}, ValueError, "f_divergence_type"),
+        ({"loss_type": "bco_pair", "f_divergence_type": "js_divergence"}, ValueError, "works only with"),
+        ({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": INF}, ValueError, "f_alpha"),
+        ({"loss_type": "discopop", "discopop_tau": 0.0}, ValueError, "discopop_tau"),
+        ({"loss_type": "discopop", "discopop_tau": "0.05"}, TypeError, "discopop_tau"),
+        ({"loss_type": "simpo", "simpo_gamma": NAN}, ValueError, "simpo_gamma"),
     ],
 )
-def test_bad_options_raise(kwargs, match):
+def test_bad_options_raise(kwargs, error, match):
     x = torch.zeros(2)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         preference_loss(x, x, x, x, **kwargs)
 
 
 def test_mismatched_shapes_raise():
     with pytest.raises(ValueError, match="share one"):
         preference_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2))
+
+
+def _zeros_but(position, value, n=2):
+    return [value if k == position else torch.zeros(n) for k in range(4)]
+
+
+@pytest.mark.parametrize(
+    "position, value, error, match",
+    [
+        (0, [0.0, 0.0], TypeError, "policy_chosen_logps must be a torch.Tensor"),
+        (1, torch.zeros(2, dtype=torch.long), TypeError, "policy_rejected_logps must be a floating"),
+        (2, torch.zeros(2, 1), ValueError, r"ref_chosen_logps must be \[B\]"),
+        (3, torch.zeros(2, device="meta"), ValueError, "ref_rejected_logps is on meta"),
+    ],
+)
+def test_bad_logps_name_the_argument(position, value, error, match):
+    with pytest.raises(error, match=match):
+        preference_loss(*_zeros_but(position, value))
+
+
+def test_empty_batch_raises_instead_of_nan():
+    x = torch.zeros(0)
+    with pytest.raises(ValueError, match="empty batch"):
+        preference_loss(x, x, x, x)
+
+
+@pytest.mark.parametrize(
+    "chosen_counts, rejected_counts, error, match",
+    [
+        (torch.ones(2, 1), torch.ones(2, 1), ValueError, r"chosen_counts must be \[B\] = \[2\]"),
+        (torch.ones(2), torch.ones(3), ValueError, "rejected_counts must be"),
+        (torch.ones(2), None, ValueError, "both chosen_counts and rejected_counts"),
+        (torch.ones(2, dtype=torch.bool), torch.ones(2), TypeError, "chosen_counts must hold token counts"),
+        ([1, 1], torch.ones(2), TypeError, "chosen_counts must be a torch.Tensor"),
+        (torch.ones(2), torch.ones(2, device="meta"), ValueError, "rejected_counts is on meta"),
+    ],
+)
+def test_bad_counts_raise(chosen_counts, rejected_counts, error, match):
+    """``[B, 1]`` counts used to broadcast ``ipo`` to ``[B, B]`` losses."""
+    x = torch.zeros(2)
+    with pytest.raises(error, match=match):
+        preference_loss(
+            x, x, x, x, loss_type="ipo", chosen_counts=chosen_counts, rejected_counts=rejected_counts
+        )
 
 
 @pytest.mark.parametrize("f_div", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
