@@ -125,7 +125,7 @@ def _one_loss(loss_type: str, beta: float, eps: float, t: dict, opts: dict) -> t
     if loss_type == "sft":
         # NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733): the mean over every
         # chosen token of the batch, spread over the pairs.
-        nll = -t["pi_c"].sum() / t["n_c"].sum().clamp(min=1)
+        nll = -t["token_sum_c"].sum() / t["tokens_c"].sum().clamp(min=1)
         return nll.expand_as(t["pi_c"])
     raise ValueError(f"unknown loss_type {loss_type!r}; choose from {LOSS_TYPES}")
 
@@ -236,6 +236,7 @@ def preference_loss(
     label_smoothing: float = 0.0,
     chosen_counts: torch.Tensor | None = None,
     rejected_counts: torch.Tensor | None = None,
+    average_log_prob: bool = False,
     loss_weights: Sequence[float] | None = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
@@ -244,11 +245,16 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses ``[B]`` and rewards ``beta * (pi - ref)`` (detached) from ``[B]`` log-probs.
 
-    The four log-probs are floating ``[B]`` tensors on one device. ``chosen_counts`` /
-    ``rejected_counts`` (``[B]``, both or neither) are the completion-token counts that ``ipo``,
-    ``sigmoid_norm``, ``simpo`` and ``sft`` normalise by (1 when omitted, i.e. the log-probs are
-    already averages). A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``. Each bad
-    argument is a TypeError/ValueError that names it.
+    The four log-probs are floating ``[B]`` tensors on one device, summed over each completion's
+    scored tokens. ``chosen_counts`` / ``rejected_counts`` (``[B]``, both or neither) are those
+    token counts: ``ipo``, ``sigmoid_norm`` and ``simpo`` divide by them, ``sft`` is the NLL summed
+    over the chosen tokens divided by their total. Without counts every count is 1 (the log-probs
+    are already per-token means). With ``average_log_prob=True`` the log-probs given are per-token
+    means over the counts: the length-normalised losses use them as they are, and ``sft`` still
+    takes the token mean over all chosen tokens (``sum_i count_i * mean_i / sum_i count_i``), not a
+    mean of per-row means. A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``.
+
+    Each bad argument is a TypeError/ValueError that names it.
     """
     more = dict(
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma
@@ -261,17 +267,24 @@ def preference_loss(
     _check_logps(tensors)
     if (chosen_counts is None) != (rejected_counts is None):
         raise ValueError("give both chosen_counts and rejected_counts, or neither")
+    if not isinstance(average_log_prob, bool):
+        raise TypeError(f"average_log_prob must be True or False, got {average_log_prob!r}")
     pi_c, pi_r, ref_c, ref_r = tensors
     if chosen_counts is None:
-        n_c = n_r = torch.ones_like(pi_c)
+        tokens_c = n_c = n_r = torch.ones_like(pi_c)
     else:
-        n_c = _check_counts("chosen_counts", chosen_counts, pi_c).clamp(min=1)
+        tokens_c = _check_counts("chosen_counts", chosen_counts, pi_c)
+        n_c = tokens_c.clamp(min=1)
         n_r = _check_counts("rejected_counts", rejected_counts, pi_r).clamp(min=1)
+    # What sft needs whatever the log-probs are: the chosen tokens' log-prob sum and their number.
+    token_sum_c = pi_c * tokens_c if average_log_prob else pi_c
+    if average_log_prob:  # already per-token means: the length-normalised losses divide by 1
+        n_c = n_r = torch.ones_like(pi_c)
     h_c, h_r = pi_c - ref_c, pi_r - ref_r
     s_c = _scores(h_c, f_divergence_type, f_alpha_divergence_coef)
     s_r = _scores(h_r, f_divergence_type, f_alpha_divergence_coef)
     shared = dict(pi_c=pi_c, pi_r=pi_r, ref_c=ref_c, ref_r=ref_r, h_c=h_c, h_r=h_r, d=s_c - s_r)
-    shared.update(s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r)
+    shared.update(s_c=s_c, s_r=s_r, n_c=n_c, n_r=n_r, token_sum_c=token_sum_c, tokens_c=tokens_c)
     opts = {"discopop_tau": float(discopop_tau), "simpo_gamma": float(simpo_gamma)}
     losses = sum(w * _one_loss(name, beta, label_smoothing, shared, opts) for name, w in zip(types, weights))
     return losses, (beta * h_c).detach(), (beta * h_r).detach()

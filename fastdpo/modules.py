@@ -191,7 +191,7 @@ class _DPOLossBase(nn.Module):
         """Finish the loss from the fused pass of the policy and ``[2B]`` reference log-probs."""
         pi_c, pi_r = split_pairs(self._sequence(policy))
         ref_c, ref_r = split_pairs(reference)
-        n_c, n_r = (None, None) if self.average_log_prob else split_pairs(policy.counts)
+        n_c, n_r = split_pairs(policy.counts)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             pi_c,
             pi_r,
@@ -202,6 +202,7 @@ class _DPOLossBase(nn.Module):
             label_smoothing=self.label_smoothing,
             chosen_counts=n_c,
             rejected_counts=n_r,
+            average_log_prob=self.average_log_prob,
             **self.loss_options,
         )
         mean_c, mean_r = mean_logits(policy.logit_sums, policy.counts, vocab)
@@ -225,8 +226,8 @@ class DPOLoss(_DPOLossBase):
     Rows ``0..B-1`` of the batch are chosen, ``B..2B-1`` rejected (row ``i`` pairs with ``i+B``).
     The reference is exactly one of ``ref_logits`` (same shape, no gradient), ``ref_logps``
     (``[2B]`` precomputed, on the policy's device) or ``reference_free=True``. With
-    ``average_log_prob`` the sequence log-probs are per-token means, and losses that normalise by
-    length use them as they are.
+    ``average_log_prob`` the sequence log-probs are per-token means: losses that normalise by
+    length use them as they are, and the ``sft`` term stays the mean NLL over all chosen tokens.
     ``inplace_backward`` lets the backward write the gradient into the policy logits' storage
     (for callers that no longer need the logits; backends without it allocate as usual).
     Options are those of :func:`fastdpo.preference_loss` (see there for the loss types and the

@@ -1,11 +1,14 @@
-"""preference_loss: each loss type against a hand computation in plain Python floats."""
+"""preference_loss: each loss type against a hand computation in plain Python floats; DPOLoss and
+FusedLinearDPOLoss with the sft term against plain PyTorch, as Liger's DPO tests check theirs."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastdpo import LOSS_TYPES, preference_loss
+import fastdpo
+from fastdpo import LOSS_TYPES, DPOLoss, FusedLinearDPOLoss, preference_loss
 
 # Two pairs: (pi_c, pi_r, ref_c, ref_r, n_c, n_r)
 PAIRS = [(-10.0, -14.0, -11.0, -12.5, 4, 7), (-20.0, -18.0, -19.5, -19.0, 5, 3)]
@@ -99,6 +102,26 @@ def test_sft_is_mean_nll_of_chosen_tokens():
     losses, _, _ = run("sft")
     expected = (10.0 + 20.0) / (4 + 5)
     torch.testing.assert_close(losses, torch.tensor([expected, expected], dtype=torch.float64))
+
+
+def test_sft_is_the_token_mean_when_log_probs_are_averages():
+    cols = list(zip(*PAIRS))
+    n_c, n_r = (torch.tensor(c, dtype=torch.float64) for c in cols[4:])
+    means = [torch.tensor(c, dtype=torch.float64) / n for c, n in zip(cols[:4], (n_c, n_r, n_c, n_r))]
+    losses, _, _ = preference_loss(
+        *means, loss_type="sft", chosen_counts=n_c, rejected_counts=n_r, average_log_prob=True
+    )
+    expected = (10.0 + 20.0) / (4 + 5)  # not (10/4 + 20/5) / 2, the mean of per-row means
+    torch.testing.assert_close(losses, torch.tensor([expected, expected], dtype=torch.float64))
+
+
+def test_sft_token_mean_does_not_count_a_row_without_tokens():
+    pi_c, zeros = torch.tensor([0.0, -20.0]), torch.zeros(2)
+    counts = torch.tensor([0, 5])
+    losses, _, _ = preference_loss(
+        pi_c, zeros, zeros, zeros, loss_type="sft", chosen_counts=counts, rejected_counts=counts
+    )
+    torch.testing.assert_close(losses, torch.tensor([4.0, 4.0]))  # 20 / 5, not 20 / 6
 
 
 def test_list_of_loss_types_is_weighted_sum():
@@ -259,3 +282,59 @@ def test_every_loss_type_passes_float64_gradcheck(loss_type):
         return preference_loss(*x, beta=0.5, **options)[0]
 
     assert torch.autograd.gradcheck(loss, logps)
+
+
+# --- DPO + NLL with unequal chosen lengths, against plain PyTorch (Liger's test grid) -----------
+
+CHOSEN_LENGTHS, REJECTED_LENGTHS = [2, 5, 9], [6, 3, 10]  # scored completion tokens per row
+
+
+def _unequal_batch(t=12, v=17, h=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(6, t, h, generator=gen)
+    ref_hidden = hidden + 0.1 * torch.randn(6, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / math.sqrt(h)
+    labels = torch.randint(0, v, (6, t), generator=gen)
+    for row, length in enumerate(CHOSEN_LENGTHS + REJECTED_LENGTHS):
+        labels[row, : t - length] = -100  # the prompt: only the last `length` labels are scored
+    return hidden, ref_hidden, weight, labels
+
+
+def _plain_dpo_with_nll(logits, ref_logits, labels, beta, average, nll_weight):
+    """DPO (sigmoid) + nll_weight * token-mean NLL of the chosen rows, in float64 PyTorch."""
+
+    def sequence(x):
+        logps = torch.log_softmax(x[:, :-1].double(), -1)
+        target, mask = labels[:, 1:], labels[:, 1:] != -100
+        per_token = logps.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        return per_token.sum(-1) / (mask.sum(-1) if average else 1)
+
+    pi, ref = sequence(logits), sequence(ref_logits)
+    dpo = -F.logsigmoid(beta * ((pi[:3] - ref[:3]) - (pi[3:] - ref[3:]))).mean()
+    chosen = logits[:3, :-1].double()
+    nll = F.cross_entropy(chosen.reshape(-1, chosen.shape[-1]), labels[:3, 1:].reshape(-1), ignore_index=-100)
+    return dpo + nll_weight * nll
+
+
+@pytest.mark.parametrize("backend", fastdpo.available_backends("cpu"))
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "average"])
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_sft_term_is_token_mean_nll_with_unequal_chosen_lengths(backend, average, fused_linear):
+    hidden, ref_hidden, weight, labels = _unequal_batch()
+    options = dict(beta=0.2, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], average_log_prob=average)
+    x = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    if fused_linear:
+        out = FusedLinearDPOLoss(backend=backend, **options)(x, w, labels, ref_hidden=ref_hidden)
+    else:
+        out = DPOLoss(backend=backend, **options)(x @ w.T, labels, ref_hidden @ weight.T)
+    out.loss.backward()
+
+    x64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    ref_logits = ref_hidden.double() @ weight.double().T
+    expected = _plain_dpo_with_nll(x64 @ w64.T, ref_logits, labels, 0.2, average, 0.7)
+    expected.backward()
+    torch.testing.assert_close(out.loss.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
