@@ -4,6 +4,13 @@ Follows TRL 1.16.0's ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py) a
 its ``CPOTrainer.cpo_loss`` (trl/experimental/cpo/cpo_trainer.py). With ``h_c = pi_c - ref_c``,
 ``h_r = pi_r - ref_r`` and ``d = s(h_c) - s(h_r)`` (``s`` = the f-divergence score, the identity by
 default); docs/design.md has the table of formulas. Rewards are ``beta * h``, detached.
+
+Deliberate differences from TRL 1.16 (each also in docs/design.md):
+- ``sigmoid`` with ``label_smoothing > 0`` is conservative DPO (cDPO); TRL 1.16 ignores the smoothing.
+- ``simpo`` with ``label_smoothing > 0`` is smoothed as TRL's CPO trainer smooths it.
+- Length-normalised losses divide by the number of *scored* completion tokens (the counts given);
+  TRL 1.16 counts the completion mask before the shift, one more token when a completion starts at
+  position 0, whose token no logit scores.
 """
 
 from __future__ import annotations
@@ -119,9 +126,9 @@ def _one_loss(loss_type: str, beta: float, eps: float, t: dict, opts: dict) -> t
         m = torch.sigmoid(z / opts["discopop_tau"])
         return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
     if loss_type == "simpo":
-        # SimPO, Meng et al. 2024 (arXiv 2405.14734)
+        # SimPO, Meng et al. 2024 (arXiv 2405.14734); eps > 0 smoothed as TRL's CPO trainer does
         z = beta * (t["pi_c"] / t["n_c"] - t["pi_r"] / t["n_r"]) - opts["simpo_gamma"]
-        return -F.logsigmoid(z)
+        return _smoothed_sigmoid(z, eps)
     if loss_type == "sft":
         # NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733): the mean over every
         # chosen token of the batch, spread over the pairs.
@@ -254,7 +261,9 @@ def preference_loss(
     takes the token mean over all chosen tokens (``sum_i count_i * mean_i / sum_i count_i``), not a
     mean of per-row means. A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``.
 
-    Each bad argument is a TypeError/ValueError that names it.
+    ``sigmoid`` and ``simpo`` with ``label_smoothing > 0`` are smoothed (cDPO; TRL's CPO trainer);
+    TRL 1.16's ``DPOTrainer`` ignores the smoothing for ``sigmoid``. Each bad argument is a
+    TypeError/ValueError that names it.
     """
     more = dict(
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma

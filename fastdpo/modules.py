@@ -230,8 +230,11 @@ class DPOLoss(_DPOLossBase):
     length use them as they are, and the ``sft`` term stays the mean NLL over all chosen tokens.
     ``inplace_backward`` lets the backward write the gradient into the policy logits' storage
     (for callers that no longer need the logits; backends without it allocate as usual).
-    Options are those of :func:`fastdpo.preference_loss` (see there for the loss types and the
-    deliberate differences from TRL 1.16); each bad option is a TypeError/ValueError naming it.
+    Options are those of :func:`fastdpo.preference_loss`; each bad option is a TypeError/ValueError
+    naming it. Deliberate differences from TRL 1.16 (docs/design.md): ``sigmoid`` and ``simpo``
+    honour ``label_smoothing`` (cDPO; TRL's CPO trainer), and ``ipo`` / ``sigmoid_norm`` divide by
+    the number of scored tokens (TRL 1.16 also counts a completion's first token when the
+    completion starts at position 0, where no logit scores it).
     """
 
     def __init__(self, *args, inplace_backward: bool = False, **kwargs) -> None:

@@ -41,7 +41,8 @@ def hand(loss_type, pi_c, pi_r, ref_c, ref_r, n_c, n_r, *, beta=BETA, eps=EPS):
         "apo_zero": 1 - sig(beta * h_c) + sig(beta * h_r),
         "apo_down": sig(beta * h_c) + 1 - sig(z),
         "discopop": (1 - sig(z / 0.05)) * -logsig(z) + sig(z / 0.05) * math.exp(-z),
-        "simpo": -logsig(beta * (pi_c / n_c - pi_r / n_r) - 0.5),
+        "simpo": -(1 - eps) * logsig(beta * (pi_c / n_c - pi_r / n_r) - 0.5)
+        - eps * logsig(-(beta * (pi_c / n_c - pi_r / n_r) - 0.5)),
     }[loss_type]
 
 
@@ -79,6 +80,60 @@ def test_sigmoid_without_smoothing_is_the_dpo_paper_loss():
     # pair 0: h_c = 1, h_r = -1.5, d = 2.5; beta 0.5 -> -log sigmoid(1.25)
     losses, _, _ = run("sigmoid", label_smoothing=0.0)
     assert losses[0].item() == pytest.approx(math.log1p(math.exp(-1.25)), rel=1e-12)
+
+
+# --- deliberate differences from TRL 1.16 (docs/design.md) -----------------------------------
+
+
+def test_sigmoid_with_label_smoothing_is_conservative_dpo_not_plain_dpo():
+    """TRL 1.16's DPOTrainer computes -logsigmoid(beta d) whatever label_smoothing is; fastdpo's
+    sigmoid with eps > 0 is cDPO, -(1-eps) logsig(beta d) - eps logsig(-beta d)."""
+    smoothed, _, _ = run("sigmoid", label_smoothing=0.1)
+    trl_116 = [-logsig(BETA * ((p[0] - p[2]) - (p[1] - p[3]))) for p in PAIRS]
+    cdpo = [
+        -0.9 * logsig(BETA * ((p[0] - p[2]) - (p[1] - p[3])))
+        - 0.1 * logsig(-BETA * ((p[0] - p[2]) - (p[1] - p[3])))
+        for p in PAIRS
+    ]
+    torch.testing.assert_close(smoothed, torch.tensor(cdpo, dtype=torch.float64))
+    assert not torch.allclose(smoothed, torch.tensor(trl_116, dtype=torch.float64))
+
+
+def test_simpo_with_label_smoothing_is_smoothed_as_trl_cpo():
+    """TRL's CPOTrainer: logits = (pi_c/n_c - pi_r/n_r) - gamma/beta,
+    loss = -logsig(beta logits) (1 - eps) - logsig(-beta logits) eps; it used to ignore eps here."""
+    losses, _, _ = run("simpo", label_smoothing=0.2, simpo_gamma=0.3)
+    expected = []
+    for pi_c, pi_r, _, _, n_c, n_r in PAIRS:
+        logits = (pi_c / n_c - pi_r / n_r) - 0.3 / BETA
+        expected.append(-logsig(BETA * logits) * 0.8 - logsig(-BETA * logits) * 0.2)
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+    unsmoothed, _, _ = run("simpo", label_smoothing=0.0, simpo_gamma=0.3)
+    assert not torch.allclose(losses, unsmoothed)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_length_normalised_losses_divide_by_scored_tokens(loss_type):
+    """A completion that starts at position 0 has T labels but T - 1 scored ones (no logit scores
+    the first); TRL 1.16 divides by T, fastdpo by T - 1."""
+    gen = torch.Generator().manual_seed(0)
+    logits, ref_logits = torch.randn(4, 6, 11, generator=gen), torch.randn(4, 6, 11, generator=gen)
+    labels = torch.randint(0, 11, (4, 6), generator=gen)
+    labels[1, :2] = labels[3, :3] = -100  # rows 0 and 2 start at position 0
+    out = DPOLoss(loss_type=loss_type, beta=0.5)(logits, labels, ref_logits)
+
+    def h(x):
+        logps = torch.log_softmax(x[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))
+        return (logps.squeeze(-1) * (labels[:, 1:] != -100)).sum(-1)
+
+    ratio = h(logits) - h(ref_logits)
+    scored = (labels[:, 1:] != -100).sum(-1)
+    assert scored.tolist() == [5, 4, 5, 3]
+    margin = ratio[:2] / scored[:2] - ratio[2:] / scored[2:]
+    expected = (margin - 1 / (2 * 0.5)) ** 2 if loss_type == "ipo" else -F.logsigmoid(0.5 * margin)
+    torch.testing.assert_close(out.loss.double(), expected.mean(), atol=1e-6, rtol=1e-5)
+    trl_counts = (labels != -100).sum(-1)  # TRL 1.16's completion mask, before the shift
+    assert trl_counts.tolist() == [6, 4, 6, 3]
 
 
 def test_aot_sorts_over_the_batch():
