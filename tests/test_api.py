@@ -5,7 +5,7 @@ import torch
 from helpers import BACKENDS, make_inputs
 
 import fastdpo
-from fastdpo import DPOLoss, preference_loss, sequence_logps, token_logps
+from fastdpo import DPOLoss, FusedLinearDPOLoss, preference_loss, sequence_logps, token_logps
 from fastdpo.naive import naive_mean_logit_sums, naive_sequence_logps
 
 
@@ -39,10 +39,9 @@ def test_metrics_use_trl_names_and_values(backend):
     logits, labels, ref_logits = dpo_batch()
     out = DPOLoss(backend=backend)(logits, labels, ref_logits)
     m = out.metrics()
-    assert set(m) == {
-        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-        "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-    }  # fmt: skip
+    names = "rewards/chosen rewards/rejected rewards/accuracies rewards/margins"
+    names += " logps/chosen logps/rejected logits/chosen logits/rejected"
+    assert set(m) == set(names.split())
     assert all(isinstance(v, float) for v in m.values())
     sums = naive_mean_logit_sums(logits, labels)
     counts = (labels[:, 1:] != -100).sum(-1)
@@ -56,6 +55,45 @@ def test_metrics_use_trl_names_and_values(backend):
     margins = out.chosen_rewards - out.rejected_rewards
     assert m["rewards/margins"] == pytest.approx(margins.mean().item())
     assert m["rewards/accuracies"] == pytest.approx((margins > 0).float().mean().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_forward_keeps_metrics_on_the_device(monkeypatch, backend, fused_linear):
+    """No .item() / .tolist() / float() in the loss: on CUDA each is a device sync every step."""
+    logits, labels, _ = dpo_batch()
+    hidden, weight = torch.randn(6, 9, 8), torch.randn(29, 8)
+
+    def sync(*_):
+        raise AssertionError("the loss forward moved a value to the host")
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    if fused_linear:
+        out = FusedLinearDPOLoss(backend=backend)(hidden, weight, labels, ref_hidden=hidden.flip(0))
+    else:
+        out = DPOLoss(backend=backend)(logits, labels, ref_logps=torch.zeros(6))
+    tensors = out.metric_tensors()
+    monkeypatch.undo()
+    assert all(t.dim() == 0 and not t.requires_grad for t in tensors.values())
+    assert out.metrics() == pytest.approx({name: t.item() for name, t in tensors.items()})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_logits_metric_near_the_float32_maximum(backend, fused_linear):
+    """Each row's logit sum (4 tokens x 7 entries x 7e36 = 1.96e38) fits in float32, their total
+    over 3 rows does not; the mean, 7e36, is representable and must come out."""
+    labels = torch.zeros(6, 5, dtype=torch.long)
+    if fused_linear:
+        out = FusedLinearDPOLoss(reference_free=True, backend=backend)(
+            torch.full((6, 5, 1), 7e36), torch.ones(7, 1), labels
+        )
+    else:
+        out = DPOLoss(reference_free=True, backend=backend)(torch.full((6, 5, 7), 7e36), labels)
+    m = out.metrics()
+    assert m["logits/chosen"] == pytest.approx(7e36, rel=1e-6)
+    assert m["logits/rejected"] == pytest.approx(7e36, rel=1e-6)
 
 
 def test_precomputed_ref_logps_equal_ref_logits():
@@ -214,8 +252,63 @@ def test_bad_ref_shapes_raise():
         DPOLoss()(logits, labels, ref_logits[:, :-1])
 
 
-def test_bad_loss_options_raise_at_construction():
-    with pytest.raises(ValueError, match="unknown loss_type"):
-        DPOLoss(loss_type="dpo")
-    with pytest.raises(ValueError, match="beta"):
-        DPOLoss(beta=-1.0)
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"loss_type": "dpo"}, ValueError, "unknown loss_type"),
+        ({"beta": -1.0}, ValueError, "beta"),
+        ({"beta": "0.1"}, TypeError, "beta"),
+        ({"beta": float("inf")}, ValueError, "beta"),
+        ({"loss_weights": [float("nan")]}, ValueError, r"loss_weights\[0\]"),
+        ({"discopop_tau": -1.0}, ValueError, "discopop_tau"),
+        ({"simpo_gamma": "0.5"}, TypeError, "simpo_gamma"),
+        ({"ignore_index": "-100"}, TypeError, "ignore_index"),
+        ({"reference_free": "yes"}, TypeError, "reference_free"),
+        ({"average_log_prob": 1}, TypeError, "average_log_prob"),
+        ({"shift": None}, TypeError, "shift"),
+        ({"backend": None}, TypeError, "backend"),
+    ],
+)
+@pytest.mark.parametrize("module", [DPOLoss, FusedLinearDPOLoss])
+def test_bad_loss_options_raise_at_construction(module, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        module(**kwargs)
+
+
+def test_inplace_backward_must_be_a_bool():
+    with pytest.raises(TypeError, match="inplace_backward"):
+        DPOLoss(inplace_backward="no")
+
+
+def test_empty_batch_raises_instead_of_nan():
+    labels = torch.zeros(0, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="policy_logits is an empty batch"):
+        DPOLoss(reference_free=True)(torch.zeros(0, 5, 7), labels)
+    with pytest.raises(ValueError, match="hidden is an empty batch"):
+        FusedLinearDPOLoss(reference_free=True)(torch.zeros(0, 5, 4), torch.zeros(7, 4), labels)
+
+
+def test_bad_references_name_the_argument():
+    logits, labels, ref_logits = dpo_batch()
+    cases = [
+        ({"ref_logps": torch.zeros(6, device="meta")}, ValueError, "ref_logps is on meta"),
+        ({"ref_logps": torch.zeros(6, dtype=torch.long)}, TypeError, "ref_logps must hold floating"),
+        ({"ref_logps": [0.0] * 6}, TypeError, "ref_logps must be a torch.Tensor"),
+        ({"ref_logits": ref_logits.to("meta")}, ValueError, "ref_logits is on meta"),
+        (
+            {"ref_logits": ref_logits.double()},
+            TypeError,
+            r"reference pass \(ref_logits\): logits must be float32",
+        ),
+        ({"ref_logits": "logits"}, TypeError, "ref_logits must be a torch.Tensor"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            DPOLoss()(logits, labels, **kwargs)
+    hidden, weight = torch.randn(6, 9, 8), torch.randn(29, 8)
+    with pytest.raises(ValueError, match="ref_hidden is on meta"):
+        FusedLinearDPOLoss()(hidden, weight, labels, ref_hidden=hidden.to("meta"))
+    with pytest.raises(
+        ValueError, match=r"reference pass \(ref_hidden, ref_weight, ref_bias\): weight must be"
+    ):
+        FusedLinearDPOLoss()(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight[:, :4])

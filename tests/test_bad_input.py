@@ -1,0 +1,197 @@
+"""Every public entry point x every available backend x each bad input: the error type, and a
+one-line message that names the culprit (issue 13). Inputs are tiny so Triton's interpreter is quick.
+
+Each row of ``BAD`` says which entry points it applies to; an entry point that takes no backend
+(``preference_loss``), and the unknown-backend row, run once (backend ``-``). Left out because the
+kernel layer does not check them yet: meta tensors (a NotImplementedError from torch.nonzero), a
+non-integer ``ignore_index`` for the kernel entry points, non-bool ``shift`` / ``average``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import fastdpo
+from fastdpo import DPOLoss, FusedLinearDPOLoss, preference_loss
+
+BACKENDS = fastdpo.available_backends("cpu")
+N, T, V, H = 4, 5, 7, 3  # 2 pairs
+
+
+def valid_inputs() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "logits": torch.randn(N, T, V, generator=gen),
+        "labels": torch.randint(0, V, (N, T), generator=gen),
+        "hidden": torch.randn(N, T, H, generator=gen),
+        "weight": torch.randn(V, H, generator=gen),
+        "bias": torch.randn(V, generator=gen),
+        "logps": [-torch.rand(N // 2, generator=gen) for _ in range(4)],
+        "counts": [torch.tensor([3, 4]), torch.tensor([2, 4])],
+        "ref_logps": -torch.rand(N, generator=gen),
+        "options": {},
+    }
+
+
+def _pairs(x, backend):
+    counts = dict(chosen_counts=x["counts"][0], rejected_counts=x["counts"][1])
+    return preference_loss(*x["logps"], **counts, **x["options"])
+
+
+def _logits_module(x, backend):
+    return DPOLoss(backend=backend, **x["options"])(x["logits"], x["labels"], ref_logps=x["ref_logps"])
+
+
+def _linear_module(x, backend):
+    loss = FusedLinearDPOLoss(backend=backend, **x["options"])
+    return loss(x["hidden"], x["weight"], x["labels"], bias=x["bias"], ref_logps=x["ref_logps"])
+
+
+def _linear(fn):
+    return lambda x, backend: fn(x["hidden"], x["weight"], x["labels"], bias=x["bias"], backend=backend)
+
+
+ENTRIES: dict[str, Callable] = {
+    "token_logps": lambda x, backend: fastdpo.token_logps(x["logits"], x["labels"], backend=backend),
+    "sequence_logps": lambda x, backend: fastdpo.sequence_logps(x["logits"], x["labels"], backend=backend),
+    "fused_logps": lambda x, backend: fastdpo.fused_logps(x["logits"], x["labels"], backend=backend),
+    "linear_token_logps": _linear(fastdpo.linear_token_logps),
+    "linear_sequence_logps": _linear(fastdpo.linear_sequence_logps),
+    "preference_loss": _pairs,
+    "DPOLoss": _logits_module,
+    "FusedLinearDPOLoss": _linear_module,
+}
+LOGITS = ("token_logps", "sequence_logps", "fused_logps", "DPOLoss")
+LINEAR = ("linear_token_logps", "linear_sequence_logps", "FusedLinearDPOLoss")
+KERNELS = LOGITS + LINEAR
+MODULES = ("DPOLoss", "FusedLinearDPOLoss")
+LOSSES = ("preference_loss",) + MODULES
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    entries: tuple[str, ...]
+    change: Callable[[dict], None]  # turns valid inputs into the bad ones, in place
+    error: type[Exception]
+    match: str  # the culprit, as the message must name it
+
+
+def _set(**values):
+    return lambda x: x.update(values)
+
+
+def _map(name, fn):
+    return lambda x: x.update({name: fn(x[name])})
+
+
+def _option(**values):
+    return lambda x: x["options"].update(values)
+
+
+def _label(value):
+    return lambda x: x["labels"].__setitem__((slice(None), 2), value)
+
+
+def _logp(position, value):
+    return lambda x: x["logps"].__setitem__(position, value)
+
+
+def _positions(t):
+    def change(x):
+        for name in ("logits", "labels", "hidden"):
+            x[name] = x[name][:, :t]
+
+    return change
+
+
+def _batch(rows):
+    def change(x):
+        for name in ("logits", "labels", "hidden", "ref_logps"):
+            x[name] = x[name][:rows]
+        x["logps"] = [p[: rows // 2] for p in x["logps"]]
+        x["counts"] = [c[: rows // 2] for c in x["counts"]]
+
+    return change
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+def _shorter(t):
+    return t[..., :-1]
+
+
+NAN, INF = float("nan"), float("inf")
+PAIRS = ("preference_loss",)
+BAD = [
+    # dtypes
+    Bad("float64 logits", LOGITS, _map("logits", torch.Tensor.double), TypeError, "logits must be float32"),
+    Bad("integer logits", LOGITS, _map("logits", torch.Tensor.long), TypeError, "logits must be float32"),
+    Bad("float64 hidden", LINEAR, _map("hidden", torch.Tensor.double), TypeError, "hidden must be float32"),
+    Bad("bfloat16 weight", LINEAR, _map("weight", torch.Tensor.bfloat16), TypeError, "share one dtype"),
+    Bad("float labels", KERNELS, _map("labels", torch.Tensor.float), TypeError, "labels must be an integer"),
+    Bad("bool labels", KERNELS, _map("labels", torch.Tensor.bool), TypeError, "labels must be an integer"),
+    Bad("logits as a list", LOGITS, _map("logits", torch.Tensor.tolist), TypeError, "logits must be a torch"),
+    Bad("hidden as a list", LINEAR, _map("hidden", torch.Tensor.tolist), TypeError, "hidden must be a torch"),
+    Bad("labels as a list", KERNELS, _map("labels", torch.Tensor.tolist), TypeError, "labels must be a"),
+    Bad("integer ref_logps", MODULES, _map("ref_logps", torch.Tensor.long), TypeError, "ref_logps must hold"),
+    Bad("integer ref logps", PAIRS, _logp(2, torch.zeros(2).long()), TypeError, "ref_chosen_logps must be"),
+    # shapes
+    Bad("logits [N, V]", LOGITS, _map("logits", lambda t: t[:, 0]), ValueError, r"logits must be \[N, T, V"),
+    Bad("labels shape", KERNELS, _map("labels", _shorter), ValueError, "labels shape"),
+    Bad("weight [V, H-1]", LINEAR, _map("weight", _shorter), ValueError, r"weight must be \[V, H"),
+    Bad("bias [V-1]", LINEAR, _map("bias", _shorter), ValueError, r"bias must be \[V\]"),
+    Bad("strided vocab dim", LOGITS, _set(logits=torch.randn(N, V, T).mT), ValueError, "contiguous last"),
+    Bad("T = 1", KERNELS, _positions(1), ValueError, r"shift=True needs sequences of at least 2 positions"),
+    Bad("odd batch", MODULES, _batch(3), ValueError, r"(policy_logits|hidden) must hold chosen rows then"),
+    Bad("empty batch", MODULES, _batch(0), ValueError, r"(policy_logits|hidden) is an empty batch"),
+    Bad("empty batch", PAIRS, _batch(0), ValueError, "empty batch: the log-prob tensors"),
+    Bad("counts [B, 1]", PAIRS, _set(counts=[torch.ones(2, 1)] * 2), ValueError, "chosen_counts"),
+    Bad("ref_logps [2B-1]", MODULES, _map("ref_logps", _shorter), ValueError, r"ref_logps must be \[2B"),
+    Bad("ref logps [B, 1]", PAIRS, _logp(3, torch.zeros(2, 1)), ValueError, "ref_rejected_logps must be"),
+    # values and devices
+    Bad("label V", KERNELS, _label(V), ValueError, rf"label {V} is outside \[0, {V}\)"),
+    Bad("label -1", KERNELS, _label(-1), ValueError, "label -1 is outside"),
+    Bad("labels on meta", KERNELS, _map("labels", _meta), ValueError, "labels are on meta"),
+    Bad("weight on meta", LINEAR, _map("weight", _meta), ValueError, "weight is on meta"),
+    Bad("ref_logps on meta", MODULES, _map("ref_logps", _meta), ValueError, "ref_logps is on meta"),
+    Bad("ref on meta", PAIRS, _logp(2, _meta(torch.zeros(2))), ValueError, "ref_chosen_logps is on meta"),
+    # options
+    Bad("unknown backend", KERNELS, lambda x: None, ValueError, "unknown backend 'nope'"),
+    Bad("unknown loss_type", LOSSES, _option(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
+    Bad("beta str", LOSSES, _option(beta="0.1"), TypeError, "beta"),
+    Bad("beta inf", LOSSES, _option(beta=INF), ValueError, "beta"),
+    Bad("beta nan", LOSSES, _option(beta=NAN), ValueError, "beta"),
+    Bad("NaN loss_weights", LOSSES, _option(loss_weights=[NAN]), ValueError, r"loss_weights\[0\]"),
+    Bad("ignore_index str", MODULES, _option(ignore_index="-100"), TypeError, "ignore_index"),
+]
+
+
+def _cases():
+    for bad in BAD:
+        for entry in bad.entries:
+            once = entry == "preference_loss" or bad.name == "unknown backend"
+            for backend in ["-"] if once else BACKENDS:
+                yield pytest.param(entry, bad, backend, id=f"{entry}-{bad.name}-{backend}")
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_valid_inputs_run(entry, backend):
+    """The table's starting point is legal input, so each error below comes from its one change."""
+    ENTRIES[entry](valid_inputs(), backend)
+
+
+@pytest.mark.parametrize("entry, bad, backend", list(_cases()))
+def test_bad_input_raises_a_one_line_error_naming_the_culprit(entry, bad, backend):
+    x = valid_inputs()
+    bad.change(x)
+    with pytest.raises(bad.error, match=bad.match) as caught:
+        ENTRIES[entry](x, "nope" if bad.name == "unknown backend" else backend)
+    assert "\n" not in str(caught.value)
