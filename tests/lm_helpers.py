@@ -52,7 +52,7 @@ PAIRS = [
 
 
 def build_tokenizer():
-    from fastdpo.default import build_tokenizer as build
+    from fastdpo.train.default import build_tokenizer as build
 
     return build(TEXT * 4, vocab_size=300)
 

@@ -10,8 +10,8 @@ import pytest
 from lm_helpers import PAIRS, assert_same_weights, load, weights, write_jsonl
 
 from fastdpo import DPOTrainer
-from fastdpo import default as default_module
-from fastdpo.cli import main
+from fastdpo.train import default as default_module
+from fastdpo.train.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--max-length", "64", "--max-prompt-length", "32", "--no-progress", "--lr", "1e-2"]
@@ -138,7 +138,7 @@ def test_builtin_default_learns_the_preference(tmp_path, monkeypatch, capsys):
 
 
 def test_command_line_options_reach_the_config():
-    from fastdpo.cli import DEFAULT_RUN, build_parser, config_from_args
+    from fastdpo.train.cli import DEFAULT_RUN, build_parser, config_from_args
 
     args = build_parser().parse_args(
         ["train", "--lr", "3e-4", "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--no-bf16",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_helpers import PAIRS, build_tokenizer, write_jsonl
 
-from fastdpo.data import collate, load_preference_data, tokenize_record
+from fastdpo.train.data import collate, load_preference_data, tokenize_record
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from lm_helpers import PAIRS, assert_same_weights, load, weights, write_jsonl
 
 from fastdpo import DPOConfig, DPOTrainer, sequence_logps
-from fastdpo import checkpoint as ckpt
-from fastdpo.data import collate
-from fastdpo.trainer import lr_lambda
+from fastdpo.train import checkpoint as ckpt
+from fastdpo.train.data import collate
+from fastdpo.train.trainer import lr_lambda
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,25 @@ def batch_logps(model, trainer, indices):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"])
+
+
+def test_import_fastdpo_does_not_load_the_trainer():
+    code = (
+        "import sys, fastdpo\n"
+        "loaded = [m for m in sys.modules if m.startswith(('fastdpo.train', 'transformers'))]\n"
+        "assert not loaded, loaded\n"
+        "assert fastdpo.DPOTrainer.__module__ == 'fastdpo.train.trainer'  # loaded on first use\n"
+        "assert 'fastdpo.train' in sys.modules\n"
+        "print(fastdpo.DPOConfig().beta)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "0.1"
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        import fastdpo
+
+        fastdpo.NotAThing  # noqa: B018
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -283,7 +302,7 @@ def test_ddp_two_processes_match_one_process(gpt2_dir, tmp_path):
         "2 process(es)" in result.stdout and result.stdout.count("preference accuracy") == 1
     )  # rank 0 prints
 
-    from fastdpo.cli import main
+    from fastdpo.train.cli import main
 
     assert main(common + ["--batch-size", "4", "--output-dir", str(tmp_path / "one")]) == 0
     ddp, _ = load(tmp_path / "ddp" / "final")
@@ -327,7 +346,7 @@ def test_fused_linear_step_matches_the_logits_step(kind, request, tmp_path):
 
 
 def test_fused_linear_is_used_only_where_it_reproduces_the_logits(llama_dir, tmp_path):
-    from fastdpo.lm import fused_linear_reason
+    from fastdpo.train.lm import fused_linear_reason
 
     model, _ = load(llama_dir)
     assert fused_linear_reason(model) is None

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 RECIPE = {
     "version": 1,
     "vocab_size": 1024,

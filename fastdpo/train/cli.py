@@ -1,6 +1,6 @@
 """The ``fastdpo`` command: ``fastdpo train`` and ``fastdpo eval``.
 
-``fastdpo train`` with no arguments runs the built-in default (see :mod:`fastdpo.default`).
+``fastdpo train`` with no arguments runs the built-in default (see :mod:`fastdpo.train.default`).
 Under ``torchrun --nproc_per_node=N -m fastdpo train ...`` it trains with DistributedDataParallel.
 """
 
@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 
-from fastdpo.trainer import DPOConfig
+from fastdpo.train.trainer import DPOConfig
 
 # The built-in default: a tiny GPT-2 learning, from 32 pairs, to prefer absurd completions.
 DEFAULT_RUN = dict(
@@ -187,7 +187,7 @@ def _quiet_transformers() -> None:
 
 
 def _default_model_path() -> pathlib.Path:
-    from fastdpo.default import default_model
+    from fastdpo.train.default import default_model
 
     if _rank() == 0:
         path = default_model(log=say)
@@ -281,8 +281,8 @@ def _prepare_output_dir(output_dir: pathlib.Path, resume: bool) -> None:
 def train_command(args) -> int:
     import torch
 
-    from fastdpo import DPOTrainer
-    from fastdpo.default import default_data
+    from fastdpo.train.default import default_data
+    from fastdpo.train.trainer import DPOTrainer
 
     start = time.perf_counter()
     builtin = args.model is None
@@ -341,7 +341,7 @@ def train_command(args) -> int:
         say(ACCURACY_LEGEND)
         written = [output_dir / config.metrics_file, output_dir / f"checkpoint-{trainer.step}", final]
         if not args.no_plot:
-            from fastdpo.plot import plot_metrics
+            from fastdpo.train.plot import plot_metrics
 
             title = f"{'fastdpo built-in default' if builtin else model_path}: {trainer.total_steps} steps"
             written.insert(
@@ -355,8 +355,8 @@ def train_command(args) -> int:
 def eval_command(args) -> int:
     import torch
 
-    from fastdpo import DPOTrainer
-    from fastdpo.default import default_data
+    from fastdpo.train.default import default_data
+    from fastdpo.train.trainer import DPOTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

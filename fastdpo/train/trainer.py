@@ -6,7 +6,7 @@
 One optimizer step: the global batch (``per_device_train_batch_size x world size x
 gradient_accumulation_steps`` pairs, in an order fixed by the seed and the epoch) is split over
 the ranks and then into micro-batches; each micro-batch goes through the model as one
-``[chosen; rejected]`` forward (:class:`fastdpo.lm.PolicyLoss`), and its loss is weighted by its
+``[chosen; rejected]`` forward (:class:`fastdpo.train.lm.PolicyLoss`), and its loss is weighted by its
 share of the global batch, so the gradient is the mean over the pairs of the step however they
 are split. Then clipping, AdamW, the learning-rate schedule, one metrics line (TRL's names) and,
 every ``save_steps``, an atomic checkpoint. Option names follow TRL's ``DPOConfig``. (Losses that
@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastdpo import checkpoint as ckpt
-from fastdpo.data import PreferenceData, collate, load_preference_data
-from fastdpo.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
+from fastdpo.train import checkpoint as ckpt
+from fastdpo.train.data import PreferenceData, collate, load_preference_data
+from fastdpo.train.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
 
 STEP_METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -155,7 +155,7 @@ class DPOTrainer:
     """DPO training of a ``transformers`` causal LM on preference pairs (see the module docstring).
 
     ``train_data`` / ``eval_data``: a JSONL path, an iterable of ``{"prompt", "chosen", "rejected"}``
-    dicts (strings or chat messages), or a :class:`fastdpo.data.PreferenceData`. The reference is
+    dicts (strings or chat messages), or a :class:`fastdpo.train.data.PreferenceData`. The reference is
     ``ref_model`` when given, else a frozen copy of ``model``; with ``precompute_ref_log_probs``
     its log-probs are computed in one pass before training and no reference model is kept; with
     ``reference_free`` there is none. Under ``torchrun`` the model is wrapped in

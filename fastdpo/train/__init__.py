@@ -1,0 +1,9 @@
+"""Training on top of the losses: ``DPOTrainer`` / ``DPOConfig`` and the ``fastdpo`` command.
+
+``import fastdpo`` does not import this package; ``fastdpo.DPOTrainer`` and ``fastdpo.DPOConfig``
+load it on first use.
+"""
+
+from fastdpo.train.trainer import DPOConfig, DPOTrainer
+
+__all__ = ["DPOConfig", "DPOTrainer"]
