@@ -4,6 +4,7 @@
 load it on first use.
 """
 
-from fastdpo.train.trainer import DPOConfig, DPOTrainer
+from fastdpo.train.config import DPOConfig
+from fastdpo.train.trainer import DPOTrainer
 
 __all__ = ["DPOConfig", "DPOTrainer"]

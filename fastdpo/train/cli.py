@@ -14,12 +14,12 @@ import sys
 import textwrap
 import time
 
-from fastdpo.train.trainer import DPOConfig
+from fastdpo.train.config import DPOConfig
 
 # The built-in default: a tiny GPT-2 learning, from 32 pairs, to prefer absurd completions.
 DEFAULT_RUN = dict(
     output_dir="runs/default", learning_rate=1e-3, beta=0.02, num_train_epochs=15, per_device_train_batch_size=8,
-    max_length=64, max_prompt_length=32, warmup_ratio=0.1, lr_scheduler_type="cosine", eval_steps=5,
+    max_length=64, warmup_ratio=0.1, lr_scheduler_type="cosine", eval_steps=5,
 )  # fmt: skip
 # Options whose command-line flag differs from the DPOConfig field.
 FLAGS = {
@@ -219,9 +219,6 @@ def config_from_args(args, base: dict) -> DPOConfig:
         options["loss_type"] = args.loss_type if len(args.loss_type) > 1 else args.loss_type[0]
     if getattr(args, "max_prompt_length", None) == 0:
         options["max_prompt_length"] = None
-    elif args.max_length and args.max_prompt_length is None:  # keep the default prompt share consistent
-        if options.get("max_prompt_length", DPOConfig.max_prompt_length) >= args.max_length:
-            options["max_prompt_length"] = args.max_length // 2
     if getattr(args, "strict", False):
         options["strict_data"] = True
     if getattr(args, "no_fused_linear", False):
@@ -368,7 +365,7 @@ def eval_command(args) -> int:
         if not (model_path / "config.json").is_file():
             raise SystemExit(f"fastdpo eval: no trained model in {model_path}; run `fastdpo train` first")
         ref_path = ref_path or str(_default_model_path())
-        base = {k: DEFAULT_RUN[k] for k in ("beta", "max_length", "max_prompt_length")}
+        base = {k: DEFAULT_RUN[k] for k in ("beta", "max_length")}
     if data is None:
         data = [str(p) for p in default_data()]
     options = {**base, "reference_free": ref_path is None, "progress_bar": False, "metrics_file": ""}

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo.train import checkpoint as ckpt
+from fastdpo.train.config import DPOConfig
 from fastdpo.train.data import PreferenceData, collate, load_preference_data
 from fastdpo.train.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
 
@@ -41,75 +42,6 @@ STEP_METRICS = (
     "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
 )  # fmt: skip
 EVAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "logps/accuracies")
-
-
-@dataclass
-class DPOConfig:
-    """Training options. Names and defaults follow TRL's ``DPOConfig`` where it has the option."""
-
-    output_dir: str = "runs/fastdpo"
-    # loss (see fastdpo.DPOLoss)
-    beta: float = 0.1
-    loss_type: str | list[str] = "sigmoid"
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    average_log_prob: bool = False
-    # reference: a frozen copy of the model (default), log-probs precomputed once, or none
-    precompute_ref_log_probs: bool = False
-    reference_free: bool = False
-    # data
-    max_length: int = 1024
-    max_prompt_length: int | None = 512  # prompts keep their last tokens
-    strict_data: bool = False  # bad records raise instead of being skipped and counted
-    # optimisation
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "linear"  # linear | cosine | constant (after warm-up)
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0  # overrides warmup_ratio when > 0
-    num_train_epochs: float = 3.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    per_device_train_batch_size: int = 8  # pairs
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    bf16: bool | None = None  # None: autocast to bfloat16 only on a CUDA device that supports it
-    gradient_checkpointing: bool = False
-    disable_dropout: bool = True
-    seed: int = 42
-    # fastdpo
-    fused_linear: bool | None = None  # None: use FusedLinearDPOLoss when the model allows it
-    backend: str = "auto"
-    device: str | None = None  # None: cuda (the local rank's under torchrun) if available, else cpu
-    # logging and checkpoints
-    metrics_file: str = "metrics.jsonl"  # inside output_dir: a line per step and evaluation ("" for none)
-    eval_steps: int = 0  # evaluate() every N steps during train() (0: never)
-    save_steps: int = 0  # checkpoint every N steps (0: only at the end)
-    save_total_limit: int | None = None
-    progress_bar: bool = True
-
-    def __post_init__(self) -> None:
-        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
-            raise ValueError(
-                f"lr_scheduler_type must be linear, cosine or constant, got {self.lr_scheduler_type!r}"
-            )
-        if self.precompute_ref_log_probs and self.reference_free:
-            raise ValueError("precompute_ref_log_probs and reference_free are exclusive: pick one reference")
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length}) "
-                "to leave room for the completion (or None to skip prompts that do not fit)"
-            )
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _distributed() -> tuple[int, int]:
@@ -179,7 +111,7 @@ class DPOTrainer:
         )
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        options = dict(max_length=c.max_length, max_prompt_length=c.max_prompt_length, strict=c.strict_data)
+        options = c.data_options()
         self.splits = {"train": _Split(load_preference_data(train_data, tokenizer, **options))}
         if eval_data is not None:
             self.splits["eval"] = _Split(load_preference_data(eval_data, tokenizer, **options))
@@ -219,10 +151,7 @@ class DPOTrainer:
             self.ref_fused = c.fused_linear is not False and fused_linear_reason(self.ref_model) is None
         self.policy_is_initial = True  # until the first optimizer step or a resume
 
-        loss_options = dict(beta=c.beta, loss_type=c.loss_type, label_smoothing=c.label_smoothing,
-                            reference_free=c.reference_free, average_log_prob=c.average_log_prob,
-                            backend=c.backend, loss_weights=c.loss_weights)  # fmt: skip
-        self.policy = PolicyLoss(self.model, make_loss(self.fused, **loss_options), self.fused)
+        self.policy = PolicyLoss(self.model, make_loss(self.fused, **c.loss_options()), self.fused)
         self.ddp = None
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -343,11 +272,7 @@ class DPOTrainer:
         """
         splits = dict(self.splits)
         if data is not None:
-            c = self.config
-            options = dict(
-                max_length=c.max_length, max_prompt_length=c.max_prompt_length, strict=c.strict_data
-            )
-            splits = {name: _Split(load_preference_data(data, self.tokenizer, **options))}
+            splits = {name: _Split(load_preference_data(data, self.tokenizer, **self.config.data_options()))}
         self.precompute_reference()
         was_training = self.model.training
         self.model.eval()
