@@ -182,3 +182,26 @@ def test_model_from_the_hugging_face_cache(gpt2_dir, pairs_file, tmp_path):
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fastdpo/tiny-gpt2" in out.stdout and (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_eval_scores_without_a_trainer_or_optimizer(gpt2_dir, llama_dir, pairs_file, monkeypatch, capsys):
+    from fastdpo import DPOConfig
+    from fastdpo.train import trainer as trainer_module
+
+    model, tokenizer = load(gpt2_dir)
+    config = DPOConfig(output_dir="unused", progress_bar=False, metrics_file="", max_length=64)
+    expected = DPOTrainer(model, tokenizer, PAIRS, config=config, ref_model=load(llama_dir)[0])
+    expected = expected.evaluate(str(pairs_file))["custom"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fastdpo eval built a trainer or an optimizer")
+
+    monkeypatch.setattr(trainer_module.DPOTrainer, "__init__", refuse)
+    monkeypatch.setattr("torch.optim.AdamW", refuse)
+    args = ["eval", "--model", str(gpt2_dir), "--ref-model", str(llama_dir), "--data", str(pairs_file)]
+    assert main(args + ["--max-length", "64"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if str(pairs_file) in line)
+    reward, logps = (
+        f"{round(expected[m] * 6)}/6  ({expected[m]:.0%})" for m in ("rewards/accuracies", "logps/accuracies")
+    )
+    assert reward in row and logps in row

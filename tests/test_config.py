@@ -60,7 +60,7 @@ def first_step_loss(policy_dir, ref_dir, tmp_path, **options):
     config = DPOConfig(output_dir=str(tmp_path), learning_rate=1e-2, max_length=64, max_steps=1,
                        per_device_train_batch_size=len(PAIRS), progress_bar=False, **options)  # fmt: skip
     trainer = DPOTrainer(model, tokenizer, PAIRS, config=config, ref_model=ref_model)
-    batch = collate([trainer.splits["train"].data.pairs[i] for i in trainer._step_indices(0)], trainer.pad_id)
+    batch = collate([trainer.splits["train"].pairs[i] for i in trainer._step_indices(0)], trainer.pad_id)
     with torch.no_grad():
         pi, ref = (
             sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,

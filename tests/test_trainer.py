@@ -32,7 +32,7 @@ def make_trainer(model_dir, out, data=PAIRS, ref_model=None, eval_data=None, **o
 
 
 def batch_logps(model, trainer, indices):
-    batch = collate([trainer.splits["train"].data.pairs[i] for i in indices], trainer.pad_id)
+    batch = collate([trainer.splits["train"].pairs[i] for i in indices], trainer.pad_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"])
@@ -71,7 +71,7 @@ def test_precomputed_reference_equals_frozen_copy(gpt2_dir, tmp_path):
     assert pre.ref_model is None and copy.ref_model is not None
     pre.precompute_reference()
     expected = batch_logps(copy.ref_model, copy, list(range(len(PAIRS))))
-    table = pre.splits["train"].ref_logps
+    table = pre.reference.tables["train"]
     torch.testing.assert_close(torch.cat([table[:, 0], table[:, 1]]), expected, atol=1e-5, rtol=0)
     a, b = copy.train(), pre.train()
     assert pre.ref_model is None
@@ -243,7 +243,7 @@ def test_resume_with_precomputed_reference(gpt2_dir, tmp_path):
     resumed = make_trainer(gpt2_dir, tmp_path / "part", **options)
     resumed.train(resume_from_checkpoint=tmp_path / "part" / "checkpoint-2")
     # the reference log-probs come from the checkpoint, not from the (trained) weights being resumed
-    torch.testing.assert_close(resumed.splits["train"].ref_logps, full.splits["train"].ref_logps)
+    torch.testing.assert_close(resumed.reference.tables["train"], full.reference.tables["train"])
     assert_same_weights(weights(full.model), weights(resumed.model))
 
 

@@ -7,7 +7,6 @@ Under ``torchrun --nproc_per_node=N -m fastdpo train ...`` it trains with Distri
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import shutil
 import sys
@@ -15,6 +14,7 @@ import textwrap
 import time
 
 from fastdpo.train.config import DPOConfig
+from fastdpo.train.dist import barrier, close_distributed, init_distributed, rank_and_world
 
 # The built-in default: a tiny GPT-2 learning, from 32 pairs, to prefer absurd completions.
 DEFAULT_RUN = dict(
@@ -154,29 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return rank_and_world()[0]
 
 
 def say(*args) -> None:
     if _rank() == 0:
         print(*args, flush=True)
-
-
-def _init_distributed() -> None:
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _quiet_transformers() -> None:
@@ -191,7 +174,7 @@ def _default_model_path() -> pathlib.Path:
 
     if _rank() == 0:
         path = default_model(log=say)
-    _barrier()  # the other ranks load what rank 0 built
+    barrier()  # the other ranks load what rank 0 built
     return path if _rank() == 0 else default_model(log=say)
 
 
@@ -231,10 +214,10 @@ def config_from_args(args, base: dict) -> DPOConfig:
     return DPOConfig(**options)
 
 
-def _fraction(result: dict | None, split: str, metric: str) -> str:
-    if not result or split not in result:
+def _fraction(r: dict | None, metric: str) -> str:
+    """``"k/n  (p%)"`` of one split's evaluation result (``"n/a"`` without one)."""
+    if not r:
         return "n/a"
-    r = result[split]
     return f"{round(r[metric] * r['pairs'])}/{r['pairs']}  ({r[metric]:.0%})"
 
 
@@ -248,7 +231,8 @@ def accuracy_table(before: dict | None, after: dict, names: dict[str, str]) -> s
             ("logps/accuracies", "policy log-prob"),
         ):
             rows.append(
-                f"  {label + ', ' + how:<42}{_fraction(before, split, metric):<16}{_fraction(after, split, metric)}"
+                f"  {label + ', ' + how:<42}{_fraction((before or {}).get(split), metric):<16}"
+                f"{_fraction(after[split], metric)}"
             )
     return "\n".join(rows)
 
@@ -286,7 +270,7 @@ def train_command(args) -> int:
     # The built-in model is too small to gain from more threads; one keeps it fast on a busy machine.
     if args.threads or builtin:
         torch.set_num_threads(args.threads or 1)
-    _init_distributed()
+    init_distributed()
     _quiet_transformers()
     if builtin:
         model_path = _default_model_path()
@@ -306,7 +290,7 @@ def train_command(args) -> int:
     config = config_from_args(args, base)
     output_dir = pathlib.Path(config.output_dir)
     _prepare_output_dir(output_dir, args.resume)
-    _barrier()
+    barrier()
 
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
     # No local name for the reference model: with --reference precompute the trainer drops it after one pass.
@@ -322,8 +306,8 @@ def train_command(args) -> int:
         f"device {trainer.device}, {trainer.world} process(es), bf16 autocast {'on' if trainer.bf16 else 'off'}")  # fmt: skip
     say(f"  loss on {'hidden states + LM head (FusedLinearDPOLoss, no logits)' if trainer.fused else 'logits (DPOLoss)'}"
         + ("" if trainer.fused else f": {trainer.fused_reason}"))  # fmt: skip
-    for name, split in trainer.splits.items():
-        say(f"  {name} data: {split.data.summary()}")
+    for name, data in trainer.splits.items():
+        say(f"  {name} data: {data.summary()}")
     say(f"  {trainer.total_steps} steps of {trainer.global_batch} pairs, output in {output_dir}/")
 
     names = {"train": "training pairs", "eval": "held-out pairs"}
@@ -350,13 +334,19 @@ def train_command(args) -> int:
 
 
 def eval_command(args) -> int:
+    """Scores a model on pairs with :func:`evaluate_pairs`: no trainer, no optimizer."""
     import torch
 
+    from fastdpo.train.data import load_preference_data, pad_token_id
     from fastdpo.train.default import default_data
-    from fastdpo.train.trainer import DPOTrainer
+    from fastdpo.train.dist import Runtime
+    from fastdpo.train.evaluate import evaluate_pairs
+    from fastdpo.train.lm import PolicyLoss
+    from fastdpo.train.reference import NoReference, OtherModel, Scorer
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    init_distributed()
     _quiet_transformers()
     model_path, ref_path, data = args.model, args.ref_model, args.data
     base = {}
@@ -368,22 +358,30 @@ def eval_command(args) -> int:
         base = {k: DEFAULT_RUN[k] for k in ("beta", "max_length")}
     if data is None:
         data = [str(p) for p in default_data()]
-    options = {**base, "reference_free": ref_path is None, "progress_bar": False, "metrics_file": ""}
-    config = config_from_args(args, options)
+    config = config_from_args(args, {**base, "reference_free": ref_path is None})
+    runtime = Runtime.detect(config.device, config.bf16)
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
-    ref_model = load_model(ref_path, args.dtype, args.download)[0] if ref_path else None
-    trainer = DPOTrainer(model, tokenizer, data[0], config=config, ref_model=ref_model)
-    print(
+    policy = PolicyLoss.build(model.to(runtime.device), config)
+    score = Scorer(runtime, average=config.average_log_prob, backend=config.backend)
+    reference = NoReference()
+    if ref_path:
+        reference = OtherModel(load_model(ref_path, args.dtype, args.download)[0], score, config.fused_linear)
+    say(
         f"fastdpo eval: {model_path}"
         + (f" against reference {ref_path}" if ref_path else " (reference-free)")
     )
     width = max(len(path) for path in data) + 4
     rows = [f"{'pairs':<{width}}{'implicit reward':<22}policy log-prob"]
     for path in data:
-        r = trainer.evaluate(path, name=path)
-        reward, logps = _fraction(r, path, "rewards/accuracies"), _fraction(r, path, "logps/accuracies")
+        pairs = load_preference_data(path, tokenizer, **config.data_options())
+        result = evaluate_pairs(
+            policy, reference, pairs, runtime,
+            batch_size=config.per_device_eval_batch_size, pad_id=pad_token_id(tokenizer),
+        )  # fmt: skip
+        reward = _fraction(result, "rewards/accuracies")
+        logps = _fraction(result, "logps/accuracies")
         rows.append(f"  {path:<{width - 2}}{reward:<22}{logps}")
-    print("\n".join(rows))
+    say("\n".join(rows))
     return 0
 
 
@@ -392,10 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_command(args) if args.command == "train" else eval_command(args)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""``DPOTrainer`` and ``DPOConfig``: a thin DPO training loop for any ``transformers`` causal LM.
+"""``DPOTrainer``: a thin DPO training loop for any ``transformers`` causal LM.
 
     trainer = DPOTrainer(model, tokenizer, train_data, config=DPOConfig(...), ref_model=None, eval_data=None)
     before = trainer.evaluate(); trainer.train(); after = trainer.evaluate(); trainer.save(path)
 
-One optimizer step: the global batch (``per_device_train_batch_size x world size x
+Set-up, in order (torchtune's recipe shape): ``_setup_data`` (tokenise), ``_setup_model`` (device,
+dropout, gradient checkpointing, the loss and its path), ``_setup_reference`` (one object of
+:mod:`fastdpo.train.reference`), ``_setup_distributed`` (DDP), ``_setup_optimizer`` (AdamW and the
+schedule). One optimizer step: the global batch (``per_device_train_batch_size x world size x
 gradient_accumulation_steps`` pairs, in an order fixed by the seed and the epoch) is split over
 the ranks and then into micro-batches; each micro-batch goes through the model as one
 ``[chosen; rejected]`` forward (:class:`fastdpo.train.lm.PolicyLoss`), and its loss is weighted by its
@@ -17,37 +20,38 @@ time, as in TRL with gradient accumulation.)
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import pathlib
 import random
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo.train import checkpoint as ckpt
 from fastdpo.train.config import DPOConfig
-from fastdpo.train.data import PreferenceData, collate, load_preference_data
-from fastdpo.train.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
+from fastdpo.train.data import PreferenceData, collate, load_preference_data, pad_token_id
+from fastdpo.train.dist import Runtime
+from fastdpo.train.evaluate import batches, evaluate_pairs
+from fastdpo.train.lm import PolicyLoss
+from fastdpo.train.reference import FrozenCopy, NoReference, OtherModel, Precomputed, Reference, Scorer
 
 STEP_METRICS = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
-)  # fmt: skip
-EVAL_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "logps/accuracies")
-
-
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -75,14 +79,6 @@ def lr_lambda(warmup: int, total: int, kind: str):
     return factor
 
 
-@dataclass
-class _Split:
-    """One tokenised dataset and its precomputed reference log-probs ``[N, 2]`` (chosen, rejected)."""
-
-    data: PreferenceData
-    ref_logps: torch.Tensor | None = None
-
-
 class DPOTrainer:
     """DPO training of a ``transformers`` causal LM on preference pairs (see the module docstring).
 
@@ -90,8 +86,8 @@ class DPOTrainer:
     dicts (strings or chat messages), or a :class:`fastdpo.train.data.PreferenceData`. The reference is
     ``ref_model`` when given, else a frozen copy of ``model``; with ``precompute_ref_log_probs``
     its log-probs are computed in one pass before training and no reference model is kept; with
-    ``reference_free`` there is none. Under ``torchrun`` the model is wrapped in
-    DistributedDataParallel and only rank 0 writes files.
+    ``reference_free`` there is none (see :mod:`fastdpo.train.reference`). Under ``torchrun`` the
+    model is wrapped in DistributedDataParallel and only rank 0 writes files.
     """
 
     def __init__(
@@ -103,22 +99,33 @@ class DPOTrainer:
         ref_model: nn.Module | None = None,
         eval_data=None,
     ) -> None:
-        self.config = c = config or DPOConfig()
-        self.rank, self.world = _distributed()
-        self.device = torch.device(c.device or self._default_device())
-        self.bf16 = (
-            c.bf16 if c.bf16 is not None else self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        options = c.data_options()
-        self.splits = {"train": _Split(load_preference_data(train_data, tokenizer, **options))}
-        if eval_data is not None:
-            self.splits["eval"] = _Split(load_preference_data(eval_data, tokenizer, **options))
-        for name, split in self.splits.items():
-            if split.data.skipped:
-                warnings.warn(f"fastdpo: {name} data: {split.data.summary()}", stacklevel=2)
+        self.config = config or DPOConfig()
+        self.runtime = Runtime.detect(self.config.device, self.config.bf16)
+        self.tokenizer, self.pad_id = tokenizer, pad_token_id(tokenizer)
+        self.output_dir = pathlib.Path(self.config.output_dir)
+        self._setup_data(train_data, eval_data)
+        self._setup_model(model)
+        self._setup_reference(ref_model)
+        self._setup_distributed()
+        self._setup_optimizer()
+        self.step = 0
+        self.evaluations: list[dict] = []  # every evaluate() result, with its step
+        self.saved_step: int | None = None
 
+    # ----------------------------------------------------------------------------- set-up
+    def _setup_data(self, train_data, eval_data) -> None:
+        options = self.config.data_options()
+        self.splits: dict[str, PreferenceData] = {
+            "train": load_preference_data(train_data, self.tokenizer, **options)
+        }
+        if eval_data is not None:
+            self.splits["eval"] = load_preference_data(eval_data, self.tokenizer, **options)
+        for name, data in self.splits.items():
+            if data.skipped:
+                warnings.warn(f"fastdpo: {name} data: {data.summary()}", stacklevel=3)
+
+    def _setup_model(self, model: nn.Module) -> None:
+        c = self.config
         self.model = model.to(self.device)
         if c.disable_dropout:
             disable_dropout(self.model)
@@ -129,42 +136,41 @@ class DPOTrainer:
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        reason = fused_linear_reason(self.model)
-        if c.fused_linear and reason:
-            raise ValueError(f"fused_linear=True but the fused linear path cannot run this model: {reason}")
-        self.fused = reason is None and c.fused_linear is not False
-        self.fused_reason = reason or (None if self.fused else "fused_linear=False")
+        self.policy = PolicyLoss.build(self.model, c)
+        self.fused, self.fused_reason = self.policy.fused, self.policy.fused_reason
 
-        # Reference: a model (given or a frozen copy) or precomputed log-probs or nothing.
+    def _setup_reference(self, ref_model: nn.Module | None) -> None:
+        c = self.config
         if c.reference_free and ref_model is not None:
             raise ValueError("reference_free=True and a ref_model were both given: pick one reference")
-        self.ref_model = None
-        if not c.reference_free:
-            if ref_model is not None:
-                self.ref_model = ref_model.to(self.device)
-            elif not c.precompute_ref_log_probs:
-                self.ref_model = copy.deepcopy(self.model)
-        if self.ref_model is not None:
-            self.ref_model.eval().requires_grad_(False)
-        self.ref_fused = self.fused
-        if ref_model is not None and self.ref_model is not None:
-            self.ref_fused = c.fused_linear is not False and fused_linear_reason(self.ref_model) is None
-        self.policy_is_initial = True  # until the first optimizer step or a resume
+        score = Scorer(self.runtime, average=c.average_log_prob, backend=c.backend)
+        other = None if ref_model is None else OtherModel(ref_model, score, c.fused_linear)
+        self.reference: Reference
+        if c.reference_free:
+            self.reference = NoReference()
+        elif c.precompute_ref_log_probs:
+            self.reference = Precomputed(self.splits, self.model, self.fused, score, other)
+        else:
+            self.reference = other or FrozenCopy(self.model, self.fused, score)
 
-        self.policy = PolicyLoss(self.model, make_loss(self.fused, **c.loss_options()), self.fused)
+    def _setup_distributed(self) -> None:
         self.ddp = None
-        if self.world > 1:
+        if self.world > 1:  # after the reference: a frozen copy is taken of the bare model
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.policy, device_ids=device_ids)
 
+    def _setup_optimizer(self) -> None:
+        c = self.config
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]  # biases, norms
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon,
-        )  # fmt: skip
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+        )
         self.global_batch = c.per_device_train_batch_size * self.world * c.gradient_accumulation_steps
-        self.steps_per_epoch = math.ceil(len(self.splits["train"].data) / self.global_batch)
+        self.steps_per_epoch = math.ceil(len(self.splits["train"]) / self.global_batch)
         if c.max_steps > 0:
             self.total_steps = c.max_steps
         else:
@@ -173,133 +179,79 @@ class DPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup, self.total_steps, c.lr_scheduler_type)
         )
-        self.step = 0
-        self.evaluations: list[dict] = []  # every evaluate() result, with its step
-        self.saved_step: int | None = None
-        self.output_dir = pathlib.Path(c.output_dir)
 
     # ----------------------------------------------------------------------------- helpers
-    def _default_device(self) -> str:
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self.world > 1 else "cuda"
-        return "cpu"
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def rank(self) -> int:
+        return self.runtime.rank
+
+    @property
+    def world(self) -> int:
+        return self.runtime.world
+
+    @property
+    def bf16(self) -> bool:
+        return self.runtime.bf16
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.runtime.is_main
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The reference model held in memory (None when precomputed or reference-free)."""
+        return self.reference.model
 
-    def _batch(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = collate([split.data.pairs[i] for i in indices], self.pad_id)
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate([self.splits["train"].pairs[i] for i in indices], self.pad_id)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            values = values.to(self.device)
-            dist.all_reduce(values)
-        return values.cpu()
+    def _batches(self, data: PreferenceData):
+        return batches(data, self.runtime, self.config.per_device_eval_batch_size, self.pad_id)
 
     def _step_indices(self, step: int) -> list[int]:
         """Indices of the pairs of optimizer step ``step`` (same on every rank)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = torch.randperm(
-            len(self.splits["train"].data), generator=torch.Generator().manual_seed(self.config.seed + epoch)
+            len(self.splits["train"]), generator=torch.Generator().manual_seed(self.config.seed + epoch)
         )
         return order[position * self.global_batch : (position + 1) * self.global_batch].tolist()
 
-    # ----------------------------------------------------------------------------- reference
-    def _reference_logps(self, split: _Split, indices: list[int], batch: dict) -> torch.Tensor | None:
-        """``[2B]`` reference log-probs of a batch (None when reference-free)."""
-        if self.config.reference_free:
-            return None
-        if split.ref_logps is not None:
-            table = split.ref_logps[indices]
-            return torch.cat([table[:, 0], table[:, 1]]).to(self.device)
-        model = self.ref_model
-        if model is None and self.policy_is_initial:
-            model = self.model  # before the first step the policy is the reference
-        if model is None:
-            raise ValueError(
-                "no reference for this data: precompute_ref_log_probs=True without a ref_model can only score "
-                "the datasets given to the trainer once training has changed the model"
-            )
-        with self._autocast():
-            return self._sequence_logps(model, batch)
-
-    def _sequence_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        fused = self.ref_fused if model is self.ref_model else self.fused
-        return model_sequence_logps(
-            model, batch, fused=fused, average=self.config.average_log_prob, backend=self.config.backend
-        )
-
     def precompute_reference(self) -> None:
-        """Reference log-probs of every pair of every split, in one pass; then drop the reference model."""
-        if not self.config.precompute_ref_log_probs or all(
-            s.ref_logps is not None for s in self.splits.values()
-        ):
-            return
-        model = self.ref_model or self.model
-        if model is self.model and not self.policy_is_initial:
-            raise RuntimeError("cannot precompute reference log-probs from a policy that was already trained")
-        was_training = model.training
-        model.eval()
-        for split in self.splits.values():
-            n = len(split.data)
-            table = torch.zeros(n, 2)
-            mine = list(range(self.rank, n, self.world))
-            size = self.config.per_device_eval_batch_size
-            for start in range(0, len(mine), size):
-                indices = mine[start : start + size]
-                with self._autocast():
-                    logps = self._sequence_logps(model, self._batch(split, indices)).float().cpu()
-                table[indices] = torch.stack(logps.chunk(2), dim=1)
-            split.ref_logps = self._all_reduce(table)
-        model.train(was_training)
-        self.ref_model = None  # nothing but the [N, 2] tables is kept
+        """With ``precompute_ref_log_probs``: the reference log-probs of every pair of every dataset,
+        in one pass, after which no reference model is kept (otherwise nothing to do)."""
+        self.reference.prepare(self._batches)
 
     # ----------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self, data=None, name: str = "custom") -> dict[str, dict[str, float]]:
         """Preference accuracy and loss of the current policy, per split (``train``, ``eval``, or ``data``).
 
-        ``rewards/accuracies``: fraction of pairs whose implicit reward ``beta * (pi - ref)`` ranks
-        chosen above rejected (TRL's metric; 0 before training, when policy and reference agree and
-        every pair is a tie). ``logps/accuracies``: fraction whose completion log-prob under the
-        policy ranks chosen above rejected (meaningful before training too). Also ``loss``,
-        ``rewards/margins`` and ``pairs``. The result is appended to ``self.evaluations``.
+        See :func:`fastdpo.train.evaluate.evaluate_pairs` for the metrics (``loss``,
+        ``rewards/accuracies``, ``rewards/margins``, ``logps/accuracies``, ``pairs``). The result is
+        appended to ``self.evaluations`` and to the metrics file.
         """
-        splits = dict(self.splits)
-        if data is not None:
-            splits = {name: _Split(load_preference_data(data, self.tokenizer, **self.config.data_options()))}
+        if data is None:
+            targets = {split: (pairs, split) for split, pairs in self.splits.items()}
+        else:  # no precomputed table applies to data given here
+            targets = {name: (load_preference_data(data, self.tokenizer, **self.config.data_options()), None)}
         self.precompute_reference()
-        was_training = self.model.training
-        self.model.eval()
-        results = {}
-        for split_name, split in splits.items():
-            n = len(split.data)
-            sums = torch.zeros(len(EVAL_METRICS) + 1, dtype=torch.float64)
-            mine = list(range(self.rank, n, self.world))
-            size = self.config.per_device_eval_batch_size
-            for start in range(0, len(mine), size):
-                indices = mine[start : start + size]
-                batch = self._batch(split, indices)
-                ref = self._reference_logps(split, indices, batch)
-                with self._autocast():
-                    out = self.policy(batch["input_ids"], batch["attention_mask"], batch["labels"], ref)
-                k = len(indices)
-                sums += torch.tensor([
-                    out.loss.item() * k,
-                    (out.chosen_rewards > out.rejected_rewards).sum().item(),
-                    (out.chosen_rewards - out.rejected_rewards).sum().item(),
-                    (out.policy_chosen_logps > out.policy_rejected_logps).sum().item(),
-                    k,
-                ], dtype=torch.float64)  # fmt: skip
-            sums = self._all_reduce(sums)
-            results[split_name] = {m: (sums[i] / sums[-1]).item() for i, m in enumerate(EVAL_METRICS)}
-            results[split_name]["pairs"] = int(sums[-1].item())
-        self.model.train(was_training)
+        size = self.config.per_device_eval_batch_size
+        results = {
+            split: evaluate_pairs(
+                self.policy,
+                self.reference,
+                pairs,
+                self.runtime,
+                batch_size=size,
+                pad_id=self.pad_id,
+                table=table,
+            )
+            for split, (pairs, table) in targets.items()
+        }
         self.evaluations.append({"step": self.step, **results})
         if self.is_main:
             self._append_metrics(
@@ -354,7 +306,7 @@ class DPOTrainer:
 
     def training_step(self, indices: list[int]) -> dict[str, float]:
         """One optimizer step on the pairs ``indices`` (the global batch, same list on every rank)."""
-        c, split = self.config, self.splits["train"]
+        c = self.config
         mine = indices[self.rank :: self.world]
         micro = [
             mine[i : i + c.per_device_train_batch_size]
@@ -366,19 +318,21 @@ class DPOTrainer:
         module = self.ddp or self.policy
         sums = torch.zeros(len(STEP_METRICS) + 1, dtype=torch.float64)
         for k, (pairs, weight) in enumerate(zip(micro, weights)):
-            batch = self._batch(split, pairs)
-            ref = self._reference_logps(split, pairs, batch)
+            batch = self._batch(pairs)
+            ref = self.reference.logps(batch, pairs, "train")
             last = k == len(micro) - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
-                with self._autocast():
+                with self.runtime.autocast():
                     out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], ref)
                 # DDP averages gradients over ranks: scale so the result is the mean over all pairs.
                 (out.loss * (self.world * weight / len(indices))).backward()
             if weight:
                 metrics = out.metrics()
                 sums += torch.tensor(
-                    [out.loss.item() * weight] + [metrics[m] * weight for m in STEP_METRICS[1:]] + [weight],
+                    [out.loss.item() * weight]
+                    + [float(metrics[m]) * weight for m in STEP_METRICS[1:]]
+                    + [weight],
                     dtype=torch.float64,
                 )
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -390,11 +344,15 @@ class DPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.policy_is_initial = False
-        sums = self._all_reduce(sums)
+        self.reference.policy_updated()
+        sums = self.runtime.all_reduce(sums)
         metrics = {m: (sums[i] / sums[-1]).item() for i, m in enumerate(STEP_METRICS)}
-        metrics.update(learning_rate=learning_rate, grad_norm=grad_norm.item(), step=self.step,
-                       epoch=round(self.step / self.steps_per_epoch, 4))  # fmt: skip
+        metrics.update(
+            learning_rate=learning_rate,
+            grad_norm=grad_norm.item(),
+            step=self.step,
+            epoch=round(self.step / self.steps_per_epoch, 4),
+        )
         return metrics
 
     def _append_metrics(self, record: dict) -> None:
@@ -428,7 +386,7 @@ class DPOTrainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(),
-                "ref_logps": {name: s.ref_logps for name, s in self.splits.items()},
+                **self.reference.state_dict(),  # its checkpoint entries ("ref_logps")
                 "evaluations": self.evaluations,
                 "config": asdict(self.config),
             }
@@ -455,14 +413,9 @@ class DPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         self.evaluations = state["evaluations"]
-        self.policy_is_initial = self.step == 0
-        for name, table in state["ref_logps"].items():
-            if name in self.splits and table is not None:
-                self.splits[name].ref_logps = table
-        if self.config.precompute_ref_log_probs and self.splits["train"].ref_logps is None:
-            raise ValueError(f"checkpoint {path} has no precomputed reference log-probs for this run")
-        if self.config.precompute_ref_log_probs:
-            self.ref_model = None
+        self.reference.load_state_dict(state, where=path)
+        if self.step > 0:
+            self.reference.policy_updated()
         ckpt.set_rng_state(state["rng"])
         if self.is_main:  # drop metric lines written after this checkpoint by the interrupted run
             metrics = self.output_dir / self.config.metrics_file
@@ -475,5 +428,4 @@ class DPOTrainer:
                 metrics.write_text("".join(ln + "\n" for ln in lines))
 
     def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        self.runtime.barrier()
