@@ -13,20 +13,19 @@ import sys
 import textwrap
 import time
 
-from fastdpo.train.config import DPOConfig
-from fastdpo.train.dist import barrier, close_distributed, init_distributed, rank_and_world
+import torch
 
-# The built-in default: a tiny GPT-2 learning, from 32 pairs, to prefer absurd completions.
-DEFAULT_RUN = dict(
-    output_dir="runs/default", learning_rate=1e-3, beta=0.02, num_train_epochs=15, per_device_train_batch_size=8,
-    max_length=64, warmup_ratio=0.1, lr_scheduler_type="cosine", eval_steps=5,
-)  # fmt: skip
-# Options whose command-line flag differs from the DPOConfig field.
-FLAGS = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler_type": "lr_scheduler",
-}  # fmt: skip
+from fastdpo.train.arguments import add_config_options, builtin_flags, config_from_args
+from fastdpo.train.data import load_preference_data, pad_token_id
+from fastdpo.train.default import DEFAULT_RUN, default_data, default_model
+from fastdpo.train.dist import Runtime, barrier, close_distributed, init_distributed, rank_and_world
+from fastdpo.train.evaluate import evaluate_pairs
+from fastdpo.train.lm import PolicyLoss
+from fastdpo.train.plot import plot_metrics
+from fastdpo.train.reference import NoReference, OtherModel, Scorer
+from fastdpo.train.trainer import DPOTrainer
+
+__all__ = ["DEFAULT_RUN", "build_parser", "config_from_args", "main"]
 
 TRAIN_EXAMPLES = """examples:
   fastdpo train                                   # built-in default: tiny GPT-2, shipped pairs, no download
@@ -45,111 +44,95 @@ BUILTIN_DEFAULTS
 output (in --output-dir): metrics.jsonl (one line per step, TRL's metric names, plus the
 evaluations), training.png (loss, reward margin, accuracy over steps), checkpoint-<step>/ (model,
 tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer)."""
-
-
-_BUILTIN = " ".join(f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in DEFAULT_RUN.items())
 TRAIN_EXAMPLES = TRAIN_EXAMPLES.replace(
     "BUILTIN_DEFAULTS",
-    textwrap.fill(f"defaults: those shown are TRL's and apply with --model; without --model the built-in default "
-                  f"uses its own, each still overridable: {_BUILTIN}.", width=100),
-)  # fmt: skip
+    textwrap.fill(
+        "defaults: those shown are TRL's and apply with --model; without --model the built-in default "
+        f"uses its own, each still overridable: {builtin_flags(DEFAULT_RUN)}.",
+        width=100,
+    ),
+)
+# `fastdpo eval` with no --model scores the built-in run, with the settings it was trained with.
+EVAL_BUILTIN = {name: DEFAULT_RUN[name] for name in ("beta", "max_length")}
 
 
-def _add_data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-length", type=int, help="max tokens of prompt + completion (default 1024)")
-    p.add_argument(
-        "--max-prompt-length",
-        type=int,
-        help="prompts keep their last N tokens (default 512, or half of a smaller --max-length; "
-        "0: never truncate, skip what does not fit)",
-    )
-    p.add_argument("--strict", action="store_true", help="bad records are errors instead of counted skips")
-    p.add_argument("--eval-batch-size", type=int, help="pairs per evaluation batch (default 8)")
-    p.add_argument("--beta", type=float, help="DPO temperature beta (default 0.1)")
-    p.add_argument("--loss-type", nargs="+", help="loss type(s), TRL's names (default sigmoid)")
-    p.add_argument(
+def _add_loading_options(group) -> None:
+    group.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16", "auto"],
-        help="dtype the model is loaded in (default float32; bf16 autocast is --bf16)",
+        help="dtype the model is loaded in (default: float32; bf16 autocast is --bf16)",
     )
-    p.add_argument(
+    group.add_argument(
         "--download",
         action="store_true",
         help="let from_pretrained download from the Hugging Face Hub (default: local files and cache only)",
     )
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's choice; 1 for the built-in default's tiny model)")  # fmt: skip
+    group.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; 1 for the built-in default's tiny model)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastdpo`` parser: command-only options written here, the rest generated from DPOConfig."""
     parser = argparse.ArgumentParser(
         prog="fastdpo", description="Direct Preference Optimization with fused kernels."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
-        "train", help="DPO-train a causal LM (no arguments: the built-in default)",
+        "train",
+        help="DPO-train a causal LM (no arguments: the built-in default)",
         description="DPO-train a Hugging Face causal LM on preference pairs. With no arguments, trains the "
         "built-in default (a tiny GPT-2 built and cached on first use) to prefer absurd completions and "
         "prints preference accuracy before and after, on training and held-out pairs.",
-        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    t.add_argument(
+        epilog=TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = t.add_argument_group("model and data")
+    run.add_argument(
         "--model", help="model directory or Hugging Face cache name (default: the built-in tiny GPT-2)"
     )
-    t.add_argument("--data", help="training pairs, JSONL (default: the shipped pairs)")
-    t.add_argument("--eval-data", help="held-out pairs, JSONL, evaluated before and after training")
-    t.add_argument(
-        "--output-dir", help="where metrics, plot and checkpoints go (default runs/default or runs/fastdpo)"
+    run.add_argument("--data", help="training pairs, JSONL (default: the shipped pairs)")
+    run.add_argument("--eval-data", help="held-out pairs, JSONL, evaluated before and after training")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --output-dir"
     )
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    t.add_argument("--reference", choices=["copy", "precompute", "none"], default="copy",
-                   help="copy: a frozen copy of the model (default); precompute: reference log-probs computed "
-                   "once before training, no reference model kept; none: reference-free")  # fmt: skip
-    t.add_argument("--ref-model", help="a different reference model directory (default: the model itself)")
-    t.add_argument("--epochs", type=float, help="training epochs (default 3)")
-    t.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    t.add_argument("--batch-size", type=int, help="pairs per device per micro-batch (default 8)")
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    t.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-6)")
-    t.add_argument(
-        "--lr-scheduler",
-        choices=["linear", "cosine", "constant"],
-        help="decay after warm-up (default linear)",
+    run.add_argument("--no-plot", action="store_true", help="do not write training.png")
+    _add_loading_options(run)
+    reference = t.add_argument_group("reference")
+    reference.add_argument(
+        "--reference",
+        choices=["copy", "precompute", "none"],
+        default="copy",
+        help="copy: a frozen copy of the model (default); precompute: reference log-probs computed "
+        "once before training, no reference model kept; none: reference-free",
     )
-    t.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0)")
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0: off)")
-    t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="bfloat16 autocast (default: only on CUDA devices that support it)")  # fmt: skip
-    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    t.add_argument(
-        "--no-fused-linear", action="store_true", help="compute the loss from logits, not hidden states"
+    reference.add_argument(
+        "--ref-model", help="a different reference model directory (default: the model itself)"
     )
-    t.add_argument("--seed", type=int, help="seed of the data order and RNGs (default 42)")
-    t.add_argument(
-        "--eval-steps", type=int, help="evaluate every N steps too (default: before and after only)"
-    )
-    t.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: at the end only)")
-    t.add_argument("--save-total-limit", type=int, help="keep only the last N checkpoints")
-    t.add_argument("--no-plot", action="store_true", help="do not write training.png")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_data_options(t)
+    add_config_options(t, "train", builtin=DEFAULT_RUN)
 
     e = sub.add_parser(
-        "eval", help="preference accuracy of a model on pairs (no arguments: the default run's result)",
+        "eval",
+        help="preference accuracy of a model on pairs (no arguments: the default run's result)",
         description="Preference accuracy of --model on --data: how often the implicit reward "
         "beta*(log pi - log ref) ranks chosen above rejected (with --ref-model) and how often the model's own "
         "log-probability does. With no arguments, evaluates runs/default/final against the built-in default "
         "model on the shipped training and held-out pairs.",
-    )  # fmt: skip
-    e.add_argument("--model", help="model to evaluate (default: runs/default/final)")
-    e.add_argument("--ref-model", help="reference model for the implicit reward (default: the built-in model "
-                   "when --model is not given, else none: reference-free)")  # fmt: skip
-    e.add_argument("--data", nargs="+", help="JSONL file(s) of pairs (default: the shipped pairs)")
-    _add_data_options(e)
+    )
+    what = e.add_argument_group("model and data")
+    what.add_argument("--model", help="model to evaluate (default: runs/default/final)")
+    what.add_argument(
+        "--ref-model",
+        help="reference model for the implicit reward (default: the built-in model when --model is not "
+        "given, else none: reference-free)",
+    )
+    what.add_argument("--data", nargs="+", help="JSONL file(s) of pairs (default: the shipped pairs)")
+    _add_loading_options(what)
+    add_config_options(e, "eval", builtin=EVAL_BUILTIN)
     return parser
 
 
@@ -170,8 +153,6 @@ def _quiet_transformers() -> None:
 
 
 def _default_model_path() -> pathlib.Path:
-    from fastdpo.train.default import default_model
-
     if _rank() == 0:
         path = default_model(log=say)
     barrier()  # the other ranks load what rank 0 built
@@ -180,38 +161,12 @@ def _default_model_path() -> pathlib.Path:
 
 def load_model(path: str, dtype: str, download: bool):
     """``(model, tokenizer)`` with ``from_pretrained`` (local files only unless ``download``)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     kwargs = dict(local_files_only=not download)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def config_from_args(args, base: dict) -> DPOConfig:
-    """DPOConfig from ``base`` overridden by every option given on the command line."""
-    options = dict(base)
-    for field in DPOConfig.__dataclass_fields__:
-        value = getattr(args, FLAGS.get(field, field), None)
-        if value is not None and value is not False:
-            options[field] = value
-    if getattr(args, "bf16", None) is not None:  # --no-bf16 is an explicit False
-        options["bf16"] = args.bf16
-    if getattr(args, "loss_type", None):
-        options["loss_type"] = args.loss_type if len(args.loss_type) > 1 else args.loss_type[0]
-    if getattr(args, "max_prompt_length", None) == 0:
-        options["max_prompt_length"] = None
-    if getattr(args, "strict", False):
-        options["strict_data"] = True
-    if getattr(args, "no_fused_linear", False):
-        options["fused_linear"] = False
-    if getattr(args, "no_progress", False):
-        options["progress_bar"] = False
-    if hasattr(args, "reference"):
-        options["precompute_ref_log_probs"] = args.reference == "precompute"
-        options["reference_free"] = args.reference == "none"
-    return DPOConfig(**options)
 
 
 def _fraction(r: dict | None, metric: str) -> str:
@@ -260,11 +215,6 @@ def _prepare_output_dir(output_dir: pathlib.Path, resume: bool) -> None:
 
 
 def train_command(args) -> int:
-    import torch
-
-    from fastdpo.train.default import default_data
-    from fastdpo.train.trainer import DPOTrainer
-
     start = time.perf_counter()
     builtin = args.model is None
     # The built-in model is too small to gain from more threads; one keeps it fast on a busy machine.
@@ -281,12 +231,7 @@ def train_command(args) -> int:
     else:
         if not args.data:
             raise SystemExit("fastdpo train: --data FILE.jsonl is required with --model")
-        model_path, data, eval_data, base = (
-            args.model,
-            args.data,
-            args.eval_data,
-            {"output_dir": "runs/fastdpo"},
-        )
+        model_path, data, eval_data, base = args.model, args.data, args.eval_data, {}
     config = config_from_args(args, base)
     output_dir = pathlib.Path(config.output_dir)
     _prepare_output_dir(output_dir, args.resume)
@@ -295,17 +240,25 @@ def train_command(args) -> int:
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
     # No local name for the reference model: with --reference precompute the trainer drops it after one pass.
     trainer = DPOTrainer(
-        model, tokenizer, data, config=config, eval_data=eval_data,
+        model,
+        tokenizer,
+        data,
+        config=config,
+        eval_data=eval_data,
         ref_model=load_model(args.ref_model, args.dtype, args.download)[0] if args.ref_model else None,
-    )  # fmt: skip
+    )
     what = (
         "built-in default: tiny GPT-2 learning to prefer absurd completions" if builtin else str(model_path)
     )
     say(f"fastdpo train: {what}")
-    say(f"  model {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
-        f"device {trainer.device}, {trainer.world} process(es), bf16 autocast {'on' if trainer.bf16 else 'off'}")  # fmt: skip
-    say(f"  loss on {'hidden states + LM head (FusedLinearDPOLoss, no logits)' if trainer.fused else 'logits (DPOLoss)'}"
-        + ("" if trainer.fused else f": {trainer.fused_reason}"))  # fmt: skip
+    say(
+        f"  model {model_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+        f"device {trainer.device}, {trainer.world} process(es), bf16 autocast {'on' if trainer.bf16 else 'off'}"
+    )
+    say(
+        f"  loss on {'hidden states + LM head (FusedLinearDPOLoss, no logits)' if trainer.fused else 'logits (DPOLoss)'}"
+        + ("" if trainer.fused else f": {trainer.fused_reason}")
+    )
     for name, data in trainer.splits.items():
         say(f"  {name} data: {data.summary()}")
     say(f"  {trainer.total_steps} steps of {trainer.global_batch} pairs, output in {output_dir}/")
@@ -322,8 +275,6 @@ def train_command(args) -> int:
         say(ACCURACY_LEGEND)
         written = [output_dir / config.metrics_file, output_dir / f"checkpoint-{trainer.step}", final]
         if not args.no_plot:
-            from fastdpo.train.plot import plot_metrics
-
             title = f"{'fastdpo built-in default' if builtin else model_path}: {trainer.total_steps} steps"
             written.insert(
                 1, plot_metrics(output_dir / config.metrics_file, output_dir / "training.png", title)
@@ -335,15 +286,6 @@ def train_command(args) -> int:
 
 def eval_command(args) -> int:
     """Scores a model on pairs with :func:`evaluate_pairs`: no trainer, no optimizer."""
-    import torch
-
-    from fastdpo.train.data import load_preference_data, pad_token_id
-    from fastdpo.train.default import default_data
-    from fastdpo.train.dist import Runtime
-    from fastdpo.train.evaluate import evaluate_pairs
-    from fastdpo.train.lm import PolicyLoss
-    from fastdpo.train.reference import NoReference, OtherModel, Scorer
-
     if args.threads:
         torch.set_num_threads(args.threads)
     init_distributed()
@@ -355,7 +297,7 @@ def eval_command(args) -> int:
         if not (model_path / "config.json").is_file():
             raise SystemExit(f"fastdpo eval: no trained model in {model_path}; run `fastdpo train` first")
         ref_path = ref_path or str(_default_model_path())
-        base = {k: DEFAULT_RUN[k] for k in ("beta", "max_length")}
+        base = dict(EVAL_BUILTIN)
     if data is None:
         data = [str(p) for p in default_data()]
     config = config_from_args(args, {**base, "reference_free": ref_path is None})
@@ -375,9 +317,13 @@ def eval_command(args) -> int:
     for path in data:
         pairs = load_preference_data(path, tokenizer, **config.data_options())
         result = evaluate_pairs(
-            policy, reference, pairs, runtime,
-            batch_size=config.per_device_eval_batch_size, pad_id=pad_token_id(tokenizer),
-        )  # fmt: skip
+            policy,
+            reference,
+            pairs,
+            runtime,
+            batch_size=config.per_device_eval_batch_size,
+            pad_id=pad_token_id(tokenizer),
+        )
         reward = _fraction(result, "rewards/accuracies")
         logps = _fraction(result, "logps/accuracies")
         rows.append(f"  {path:<{width - 2}}{reward:<22}{logps}")

@@ -19,7 +19,8 @@ PROMPT_BUDGET = 512  # max_prompt_length="auto": this, or half of a max_length t
 
 def option(default: Any, help: str, group: str, **cli: Any):
     """A dataclass field with its default and ``metadata``: ``help``, ``group`` and command-line extras
-    (``flag``: a shorter flag name; ``choices``; ``cli=False``: not a flag of its own)."""
+    (``flag``: a shorter flag name; ``choices``; ``zero_is_none``: 0 on the command line
+    means None; ``cli=False``: not an option of its own)."""
     return field(default=default, metadata={"help": help, "group": group, **cli})
 
 
@@ -41,10 +42,9 @@ class DPOConfig:
         "Loss type, TRL's names; several are summed with loss_weights.",
         "loss",
         choices=LOSS_TYPES,
-        nargs="+",
     )
     loss_weights: list[float] | None = option(
-        None, "Weight of each loss type when several are given (None: 1 each).", "loss", nargs="+"
+        None, "Weight of each loss type when several are given (None: 1 each).", "loss"
     )
     label_smoothing: float = option(
         0.0, "Probability that a label is flipped (robust, cDPO) or EXO's epsilon.", "loss"
@@ -82,6 +82,7 @@ class DPOConfig:
         f"not larger than {PROMPT_BUDGET}. None (0 on the command line): never truncate; skip prompts "
         "that do not fit.",
         "data",
+        zero_is_none=True,
     )
     strict_data: bool = option(
         False, "A bad record is an error instead of a counted skip.", "data", flag="strict"
@@ -111,24 +112,24 @@ class DPOConfig:
     )
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", "optimisation")
     bf16: bool | None = option(
-        None, "bfloat16 autocast (None: only on a CUDA device that supports it).", "optimisation"
+        None, "bfloat16 autocast (None: only on a CUDA device that supports it).", "execution"
     )
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward.", "optimisation")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward.", "execution")
     disable_dropout: bool = option(True, "Turn dropout off in the model (as TRL does).", "optimisation")
     seed: int = option(42, "Seed of the data order and of every RNG.", "optimisation")
 
-    # fastdpo
+    # execution
     fused_linear: bool | None = option(
         None,
         "Compute the loss from hidden states and the LM head, never the logits (None: whenever "
         "that reproduces the model's logits).",
-        "fastdpo",
+        "execution",
     )
     backend: str = option(
-        "auto", "Kernel backend of the log-probs: auto, triton, native or torch.", "fastdpo"
+        "auto", "Kernel backend of the log-probs: auto, triton, native or torch.", "execution"
     )
     device: str | None = option(
-        None, "Device (None: cuda, the local rank's under torchrun, if available, else cpu).", "fastdpo"
+        None, "Device (None: cuda, the local rank's under torchrun, if available, else cpu).", "execution"
     )
 
     # logging and checkpoints
