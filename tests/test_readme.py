@@ -32,4 +32,7 @@ def test_readme_main_job_is_fastdpo_train_with_what_it_needs():
     for package in ("transformers", "matplotlib", "safetensors"):
         assert f'"{package}' in train
     assert 'fastdpo = "fastdpo.train.cli:main"' in pyproject
+    import fastdpo.train.cli  # the console script's target exists
+
+    assert callable(fastdpo.train.cli.main)
     assert re.search(r'^fastdpo = \[.*"assets/\*".*\]$', pyproject, flags=re.M)

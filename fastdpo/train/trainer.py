@@ -368,7 +368,7 @@ class DPOTrainer:
         path = pathlib.Path(path or self.output_dir / "final")
         if self.is_main:
             ckpt.write_atomically(path, self._save_pretrained)
-        self._barrier()
+        self.runtime.barrier()
         return path
 
     def _save_pretrained(self, directory: pathlib.Path) -> None:
@@ -398,7 +398,7 @@ class DPOTrainer:
             ckpt.write_atomically(path, write)
             ckpt.prune_checkpoints(self.output_dir, self.config.save_total_limit)
         self.saved_step = self.step
-        self._barrier()
+        self.runtime.barrier()
         return path
 
     def load_checkpoint(self, path: bool | str | os.PathLike) -> None:
@@ -426,6 +426,3 @@ class DPOTrainer:
                     if json.loads(ln).get("step", 0) <= self.step
                 ]
                 metrics.write_text("".join(ln + "\n" for ln in lines))
-
-    def _barrier(self) -> None:
-        self.runtime.barrier()
