@@ -4,14 +4,14 @@
 log-probabilities in one fused pass; ``preference_loss`` and ``DPOLoss`` build TRL's loss
 family on top. ``linear_token_logps`` / ``linear_sequence_logps`` / ``FusedLinearDPOLoss`` do
 the same from hidden states and the LM head without ever holding the logits. ``DPOTrainer`` /
-``DPOConfig`` train a ``transformers`` causal LM with them.
+``DPOConfig`` (in :mod:`fastdpo.train`) train a ``transformers`` causal LM with them; they are
+imported on first use, so ``import fastdpo`` does not load the trainer or what it needs.
 """
 
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
 from fastdpo.logps import available_backends, fused_logps, sequence_logps, token_logps
 from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
 from fastdpo.functional import LOSS_TYPES, preference_loss
-from fastdpo.trainer import DPOConfig, DPOTrainer
 
 __version__ = "0.1.0"
 
@@ -31,3 +31,12 @@ __all__ = [
     "sequence_logps",
     "token_logps",
 ]
+
+
+def __getattr__(name: str):
+    # PEP 562: the training side (tqdm, numpy, torch.distributed, transformers on use) loads only when asked for.
+    if name in ("DPOConfig", "DPOTrainer"):
+        from fastdpo import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'fastdpo' has no attribute {name!r}")

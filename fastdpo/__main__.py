@@ -2,6 +2,6 @@
 
 import sys
 
-from fastdpo.cli import main
+from fastdpo.train.cli import main
 
 sys.exit(main())

@@ -52,7 +52,7 @@ PAIRS = [
 
 
 def build_tokenizer():
-    from fastdpo.default import build_tokenizer as build
+    from fastdpo.train.default import build_tokenizer as build
 
     return build(TEXT * 4, vocab_size=300)
 
@@ -73,9 +73,15 @@ def save_tiny_lm(directory: pathlib.Path, kind: str = "gpt2", seed: int = 0) -> 
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **ids))
     else:
         config = LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False, **ids,
-        )  # fmt: skip
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            **ids,
+        )
         model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

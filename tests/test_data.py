@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_helpers import PAIRS, build_tokenizer, write_jsonl
 
-from fastdpo.data import collate, load_preference_data, tokenize_record
+from fastdpo.train.data import collate, load_preference_data, tokenize_record
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,12 @@ def test_bad_records_are_skipped_and_counted(tmp_path, tokenizer):
     data = load_preference_data(path, tokenizer, max_length=24, max_prompt_length=None)
     assert len(data) == 2
     assert dict(data.skipped) == {
-        "missing 'rejected'": 1, "empty completion": 1, "prompt too long": 1, "wrong field types": 1,
+        "missing 'rejected'": 1,
+        "empty completion": 1,
+        "prompt too long": 1,
+        "wrong field types": 1,
         "not an object": 1,
-    }  # fmt: skip
+    }
     summary = data.summary()
     assert "skipped 5" in summary and f"{path}:2" in summary and f"{path}:4" in summary
     with pytest.raises(ValueError, match=rf"{path}:2: the record has no 'rejected' field"):

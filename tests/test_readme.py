@@ -31,5 +31,8 @@ def test_readme_main_job_is_fastdpo_train_with_what_it_needs():
     train = re.search(r"^train = \[(.*)\]$", pyproject, flags=re.M).group(1)
     for package in ("transformers", "matplotlib", "safetensors"):
         assert f'"{package}' in train
-    assert 'fastdpo = "fastdpo.cli:main"' in pyproject
+    assert 'fastdpo = "fastdpo.train.cli:main"' in pyproject
+    import fastdpo.train.cli  # the console script's target exists
+
+    assert callable(fastdpo.train.cli.main)
     assert re.search(r'^fastdpo = \[.*"assets/\*".*\]$', pyproject, flags=re.M)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from lm_helpers import PAIRS, assert_same_weights, load, weights, write_jsonl
 
 from fastdpo import DPOConfig, DPOTrainer, sequence_logps
-from fastdpo import checkpoint as ckpt
-from fastdpo.data import collate
-from fastdpo.trainer import lr_lambda
+from fastdpo.train import checkpoint as ckpt
+from fastdpo.train.data import collate
+from fastdpo.train.trainer import lr_lambda
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,10 +32,29 @@ def make_trainer(model_dir, out, data=PAIRS, ref_model=None, eval_data=None, **o
 
 
 def batch_logps(model, trainer, indices):
-    batch = collate([trainer.splits["train"].data.pairs[i] for i in indices], trainer.pad_id)
+    batch = collate([trainer.splits["train"].pairs[i] for i in indices], trainer.pad_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"])
+
+
+def test_import_fastdpo_does_not_load_the_trainer():
+    code = (
+        "import sys, fastdpo\n"
+        "loaded = [m for m in sys.modules if m.startswith(('fastdpo.train', 'transformers'))]\n"
+        "assert not loaded, loaded\n"
+        "assert fastdpo.DPOTrainer.__module__ == 'fastdpo.train.trainer'  # loaded on first use\n"
+        "assert 'fastdpo.train' in sys.modules\n"
+        "print(fastdpo.DPOConfig().beta)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "0.1"
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        import fastdpo
+
+        fastdpo.NotAThing  # noqa: B018
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -47,12 +66,13 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_precomputed_reference_equals_frozen_copy(gpt2_dir, tmp_path):
     copy = make_trainer(gpt2_dir, tmp_path / "copy", max_steps=3, per_device_train_batch_size=2)
-    pre = make_trainer(gpt2_dir, tmp_path / "pre", max_steps=3, per_device_train_batch_size=2,
-                       precompute_ref_log_probs=True)  # fmt: skip
+    pre = make_trainer(
+        gpt2_dir, tmp_path / "pre", max_steps=3, per_device_train_batch_size=2, precompute_ref_log_probs=True
+    )
     assert pre.ref_model is None and copy.ref_model is not None
     pre.precompute_reference()
     expected = batch_logps(copy.ref_model, copy, list(range(len(PAIRS))))
-    table = pre.splits["train"].ref_logps
+    table = pre.reference.tables["train"]
     torch.testing.assert_close(torch.cat([table[:, 0], table[:, 1]]), expected, atol=1e-5, rtol=0)
     a, b = copy.train(), pre.train()
     assert pre.ref_model is None
@@ -97,8 +117,9 @@ def capture_steps(trainer):
 
 def test_gradient_accumulation_matches_one_big_batch(gpt2_dir, tmp_path):
     # 2 micro-batches of 1 pair == 1 batch of 2 pairs; the 3rd step of 6 pairs is an odd epoch boundary
-    accumulated = make_trainer(gpt2_dir, tmp_path / "a", max_steps=4, per_device_train_batch_size=1,
-                               gradient_accumulation_steps=2)  # fmt: skip
+    accumulated = make_trainer(
+        gpt2_dir, tmp_path / "a", max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
     single = make_trainer(gpt2_dir, tmp_path / "b", max_steps=4, per_device_train_batch_size=2)
     seen_a, seen_b = capture_steps(accumulated), capture_steps(single)
     a, b = accumulated.train(), single.train()
@@ -113,8 +134,15 @@ def test_gradient_accumulation_matches_one_big_batch(gpt2_dir, tmp_path):
 
 def test_short_last_batch_is_weighted_by_pairs(gpt2_dir, tmp_path):
     # 5 pairs, global batch 4: the second step holds one pair; its gradient is that pair's, not a quarter of it
-    four = make_trainer(gpt2_dir, tmp_path / "a", data=PAIRS[:5], max_steps=2, per_device_train_batch_size=2,
-                        gradient_accumulation_steps=2, max_grad_norm=0)  # fmt: skip
+    four = make_trainer(
+        gpt2_dir,
+        tmp_path / "a",
+        data=PAIRS[:5],
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0,
+    )
     steps = capture_steps(four)
     four.train()
     (last,) = four._step_indices(1)
@@ -129,8 +157,17 @@ def test_short_last_batch_is_weighted_by_pairs(gpt2_dir, tmp_path):
 
 
 def test_seed_makes_runs_reproducible(gpt2_dir, tmp_path):
-    runs = [make_trainer(gpt2_dir, tmp_path / f"r{i}", max_steps=3, per_device_train_batch_size=2, seed=s,
-                         disable_dropout=False) for i, s in enumerate((1, 1, 2))]  # fmt: skip
+    runs = [
+        make_trainer(
+            gpt2_dir,
+            tmp_path / f"r{i}",
+            max_steps=3,
+            per_device_train_batch_size=2,
+            seed=s,
+            disable_dropout=False,
+        )
+        for i, s in enumerate((1, 1, 2))
+    ]
     for run in runs:
         run.train()
     assert_same_weights(weights(runs[0].model), weights(runs[1].model))
@@ -147,8 +184,21 @@ def test_metrics_log_uses_trl_names(gpt2_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3]
-    names = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "logits/chosen", "logits/rejected", "learning_rate", "grad_norm", "step", "epoch"}  # fmt: skip
+    names = {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "learning_rate",
+        "grad_norm",
+        "step",
+        "epoch",
+    }
     assert names <= set(steps[0])
     assert lines[0]["step"] == 0 and lines[0]["train_rewards/accuracies"] == 0.0  # ties before training
     assert lines[0]["eval_pairs"] == 2
@@ -166,8 +216,9 @@ def test_evaluate_log_prob_accuracy(gpt2_dir, tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_step(gpt2_dir, tmp_path):
     plain = make_trainer(gpt2_dir, tmp_path / "a", max_steps=2, per_device_train_batch_size=3)
-    checkpointed = make_trainer(gpt2_dir, tmp_path / "b", max_steps=2, per_device_train_batch_size=3,
-                                gradient_checkpointing=True)  # fmt: skip
+    checkpointed = make_trainer(
+        gpt2_dir, tmp_path / "b", max_steps=2, per_device_train_batch_size=3, gradient_checkpointing=True
+    )
     plain.train(), checkpointed.train()
     assert_same_weights(weights(plain.model), weights(checkpointed.model), atol=1e-5)
 
@@ -185,8 +236,14 @@ def test_untied_llama_trains(llama_dir, tmp_path):
 
 def test_resume_ends_with_the_same_weights(gpt2_dir, tmp_path, monkeypatch):
     # Dropout stays on so that the restored RNG state matters too.
-    options = dict(max_steps=6, per_device_train_batch_size=2, save_steps=2, warmup_steps=2,
-                   lr_scheduler_type="cosine", disable_dropout=False)  # fmt: skip
+    options = dict(
+        max_steps=6,
+        per_device_train_batch_size=2,
+        save_steps=2,
+        warmup_steps=2,
+        lr_scheduler_type="cosine",
+        disable_dropout=False,
+    )
     full = make_trainer(gpt2_dir, tmp_path / "full", **options)
     full.train()
 
@@ -224,7 +281,7 @@ def test_resume_with_precomputed_reference(gpt2_dir, tmp_path):
     resumed = make_trainer(gpt2_dir, tmp_path / "part", **options)
     resumed.train(resume_from_checkpoint=tmp_path / "part" / "checkpoint-2")
     # the reference log-probs come from the checkpoint, not from the (trained) weights being resumed
-    torch.testing.assert_close(resumed.splits["train"].ref_logps, full.splits["train"].ref_logps)
+    torch.testing.assert_close(resumed.reference.tables["train"], full.reference.tables["train"])
     assert_same_weights(weights(full.model), weights(resumed.model))
 
 
@@ -262,8 +319,23 @@ def test_write_atomically_replaces_an_existing_directory(tmp_path):
 def test_ddp_two_processes_match_one_process(gpt2_dir, tmp_path):
     # 5 pairs, global batch 4: step 2 holds one pair, so rank 1 joins it with an empty share.
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:5])
-    common = ["train", "--model", str(gpt2_dir), "--data", str(data), "--max-steps", "3", "--lr", "1e-2",
-              "--max-length", "64", "--max-prompt-length", "32", "--no-plot", "--no-progress"]  # fmt: skip
+    common = [
+        "train",
+        "--model",
+        str(gpt2_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--no-plot",
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -276,14 +348,18 @@ def test_ddp_two_processes_match_one_process(gpt2_dir, tmp_path):
     ]
     result = subprocess.run(
         command + common + ["--batch-size", "2", "--output-dir", str(tmp_path / "ddp")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
         "2 process(es)" in result.stdout and result.stdout.count("preference accuracy") == 1
     )  # rank 0 prints
 
-    from fastdpo.cli import main
+    from fastdpo.train.cli import main
 
     assert main(common + ["--batch-size", "4", "--output-dir", str(tmp_path / "one")]) == 0
     ddp, _ = load(tmp_path / "ddp" / "final")
@@ -327,7 +403,7 @@ def test_fused_linear_step_matches_the_logits_step(kind, request, tmp_path):
 
 
 def test_fused_linear_is_used_only_where_it_reproduces_the_logits(llama_dir, tmp_path):
-    from fastdpo.lm import fused_linear_reason
+    from fastdpo.train.lm import fused_linear_reason
 
     model, _ = load(llama_dir)
     assert fused_linear_reason(model) is None

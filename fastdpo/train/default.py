@@ -25,7 +25,7 @@ import time
 
 import torch
 
-ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 RECIPE = {
     "version": 1,
     "vocab_size": 1024,
@@ -33,6 +33,19 @@ RECIPE = {
     "pretrain": {"steps": 300, "batch_size": 16, "seq_len": 64, "learning_rate": 3e-3, "seed": 0},
 }
 EOS, PAD = "<|endoftext|>", "<pad>"
+# The built-in run's own DPOConfig settings (`fastdpo train` without --model): a tiny GPT-2
+# learning, from 32 pairs, to prefer absurd completions. Command-line options override each one.
+DEFAULT_RUN = dict(
+    output_dir="runs/default",
+    learning_rate=1e-3,
+    beta=0.02,
+    num_train_epochs=15,
+    per_device_train_batch_size=8,
+    max_length=64,
+    warmup_ratio=0.1,
+    lr_scheduler_type="cosine",
+    eval_steps=5,
+)
 
 
 def cache_root() -> pathlib.Path:
@@ -72,8 +85,17 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=PAD)
 
 
-def pretrain(model, token_stream: torch.Tensor, *, steps: int, batch_size: int, seq_len: int,
-             learning_rate: float, seed: int, log=print) -> None:  # fmt: skip
+def pretrain(
+    model,
+    token_stream: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    learning_rate: float,
+    seed: int,
+    log=print,
+) -> None:
     """Next-token training on random windows of ``token_stream`` (AdamW, cosine decay)."""
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -103,12 +125,17 @@ def build_default_model(directory: pathlib.Path, log=print) -> None:
         stream += tokenizer(paragraph)["input_ids"] + [tokenizer.eos_token_id]
     torch.manual_seed(RECIPE["pretrain"]["seed"])
     config = GPT2Config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **RECIPE["model"],
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **RECIPE["model"],
+    )
     model = GPT2LMHeadModel(config)
-    log(f"building the default model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(stream)} corpus tokens) in {directory}")  # fmt: skip
+    log(
+        f"building the default model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(stream)} corpus tokens) in {directory}"
+    )
     pretrain(model, torch.tensor(stream), log=log, **RECIPE["pretrain"])
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -17,8 +17,12 @@ from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
 
 # Config attributes with which a model's logits are not ``hidden @ W.T + b`` (as in TRL's fused head).
 LOGIT_TRANSFORMS = (
-    "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-)  # fmt: skip
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def fused_linear_reason(model: nn.Module) -> str | None:
@@ -54,6 +58,17 @@ def _check_hidden_times_head(model: nn.Module, head: nn.Linear) -> str | None:
     return None
 
 
+def loss_path(model: nn.Module, fused_linear: bool | None) -> tuple[bool, str | None]:
+    """``(fused, why_not)``: does the loss run on hidden states and the head? ``fused_linear`` True
+    demands it (an error when the model does not allow it), False refuses it, None takes it
+    wherever it reproduces the model's logits."""
+    reason = fused_linear_reason(model)
+    if fused_linear and reason:
+        raise ValueError(f"fused_linear=True but the fused linear path cannot run this model: {reason}")
+    fused = reason is None and fused_linear is not False
+    return fused, reason or (None if fused else "fused_linear=False")
+
+
 def make_loss(fused: bool, **options) -> nn.Module:
     """``FusedLinearDPOLoss`` or ``DPOLoss`` with the same options."""
     return FusedLinearDPOLoss(**options) if fused else DPOLoss(**options)
@@ -85,9 +100,18 @@ class PolicyLoss(nn.Module):
     returns a :class:`DPOOutput`; rows ``0..B-1`` are chosen, ``B..2B-1`` rejected.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, fused: bool) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: nn.Module, fused: bool, fused_reason: str | None = None
+    ) -> None:
         super().__init__()
         self.model, self.loss_fn, self.fused = model, loss_fn, fused
+        self.fused_reason = fused_reason  # why the loss runs on logits (None when fused)
+
+    @classmethod
+    def build(cls, model: nn.Module, config) -> PolicyLoss:
+        """The loss of ``config`` (a :class:`fastdpo.DPOConfig`) on the path :func:`loss_path` picks."""
+        fused, reason = loss_path(model, config.fused_linear)
+        return cls(model, make_loss(fused, **config.loss_options()), fused, reason)
 
     def forward(self, input_ids, attention_mask, labels, ref_logps=None) -> DPOOutput:
         if self.fused:

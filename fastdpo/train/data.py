@@ -248,6 +248,11 @@ def load_preference_data(
     return out
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token, or its EOS when it has none (padding is masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(pairs: Sequence[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """``[2B, T]`` ``input_ids``, ``attention_mask`` and ``labels`` for ``B`` pairs.
 
