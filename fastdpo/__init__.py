@@ -7,8 +7,9 @@ the same from hidden states and the LM head without ever holding the logits. ``D
 ``DPOConfig`` train a ``transformers`` causal LM with them.
 """
 
+from fastdpo.backends import available_backends
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
-from fastdpo.logps import available_backends, fused_logps, sequence_logps, token_logps
+from fastdpo.logps import fused_logps, sequence_logps, token_logps
 from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
 from fastdpo.functional import LOSS_TYPES, preference_loss
 from fastdpo.trainer import DPOConfig, DPOTrainer

@@ -313,7 +313,7 @@ def test_autocast_region_does_not_change_the_result():
 
 
 def test_tile_plan_stays_within_the_memory_budget():
-    from fastdpo.linear_tiles import CPU_TILES, TILE_BUDGET, plan_tiles, working_bytes
+    from fastdpo.backends.linear_tiles import CPU_TILES, TILE_BUDGET, plan_tiles, working_bytes
 
     cpu = torch.device("cpu")
     logits = 4 * 1024 * 128256 * 4  # float32 logits of 2 pairs x 1024 tokens, Llama-3 vocabulary

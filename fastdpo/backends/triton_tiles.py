@@ -1,6 +1,6 @@
 """Triton tile kernels of the fused linear path (contract in fastdpo/backends/__init__.py).
 
-The fused linear path (fastdpo/linear_tiles.py) computes a float32 tile ``[rows, vocabulary
+The fused linear path (fastdpo/backends/linear_tiles.py) computes a float32 tile ``[rows, vocabulary
 block]`` of the projection with a matmul, then calls these kernels for the element-wise work:
 one program per tile row, the row streamed in ``BLOCK`` pieces, all math in float32.
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdpo.backends.triton_kernels import launch_config
+from fastdpo.backends.common import launch_config
 
 
 @triton.jit
