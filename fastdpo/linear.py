@@ -119,9 +119,17 @@ class _FusedLinearLogps(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             with _no_autocast(hidden):
                 grad_weight, grad_bias = weight_grad_tiles(
-                    hidden, weight, bias, rows, lse, grad_rows, s.kernels, s.plan,
-                    need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
-                )  # fmt: skip
+                    hidden,
+                    weight,
+                    bias,
+                    rows,
+                    lse,
+                    grad_rows,
+                    s.kernels,
+                    s.plan,
+                    need_weight=ctx.needs_input_grad[1],
+                    need_bias=ctx.needs_input_grad[2],
+                )
         return grad_hidden, grad_weight, grad_bias, None, None
 
 

@@ -49,10 +49,20 @@ def _row_offset(n, t, stride_n, stride_t):
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, labels_ptr, token_ptr, lse_ptr, row_sum_ptr,
-    T, T_out, V, stride_n, stride_t, ignore_index,
-    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    labels_ptr,
+    token_ptr,
+    lse_ptr,
+    row_sum_ptr,
+    T,
+    T_out,
+    V,
+    stride_n,
+    stride_t,
+    ignore_index,
+    SHIFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pos = tl.program_id(0).to(tl.int64)  # output position n * T_out + t
     n = pos // T_out
     t = pos - n * T_out
@@ -90,10 +100,22 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    logits_ptr, labels_ptr, lse_ptr, grad_rows_ptr, grad_ptr,
-    T, T_out, V, stride_n, stride_t, grad_stride_n, grad_stride_t, ignore_index,
-    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    grad_ptr,
+    T,
+    T_out,
+    V,
+    stride_n,
+    stride_t,
+    grad_stride_n,
+    grad_stride_t,
+    ignore_index,
+    SHIFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # logits row n * T + t
     n = row // T
     t = row - n * T
@@ -130,10 +152,21 @@ def _forward(
     if n * out_t > 0:
         block, warps = launch_config(vocab)
         wrap_triton(_forward_kernel)[(n * out_t,)](
-            logits, labels, token_logps, lse, row_sums,
-            time, out_t, vocab, logits.stride(0), logits.stride(1), ignore_index,
-            SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+            logits_ptr=logits,
+            labels_ptr=labels,
+            token_ptr=token_logps,
+            lse_ptr=lse,
+            row_sum_ptr=row_sums,
+            T=time,
+            T_out=out_t,
+            V=vocab,
+            stride_n=logits.stride(0),
+            stride_t=logits.stride(1),
+            ignore_index=ignore_index,
+            SHIFT=int(shift),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
     # Deterministic reduction: a plain sum over rows in float64 (a few bytes per position).
     sequence_logps = token_logps.sum(-1, dtype=torch.float64).to(token_logps.dtype)
     logit_sums = row_sums.sum(-1, dtype=torch.float64).to(token_logps.dtype)
@@ -147,11 +180,23 @@ def _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, grad) 
     block, warps = launch_config(vocab)
     grid = (n * time, triton.cdiv(vocab, block))
     wrap_triton(_backward_kernel)[grid](
-        logits, labels, lse, grad_rows, grad,
-        time, out_len(time, shift), vocab, logits.stride(0), logits.stride(1),
-        grad.stride(0), grad.stride(1), ignore_index,
-        SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        logits_ptr=logits,
+        labels_ptr=labels,
+        lse_ptr=lse,
+        grad_rows_ptr=grad_rows,
+        grad_ptr=grad,  # the logits themselves when in place
+        T=time,
+        T_out=out_len(time, shift),
+        V=vocab,
+        stride_n=logits.stride(0),
+        stride_t=logits.stride(1),
+        grad_stride_n=grad.stride(0),
+        grad_stride_t=grad.stride(1),
+        ignore_index=ignore_index,
+        SHIFT=int(shift),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
 
 
 def _backward(
