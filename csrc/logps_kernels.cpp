@@ -1,4 +1,4 @@
-// Fused log-softmax gather kernels for the `native` backend (CPU).
+// Fused log-softmax gather kernels for the `native` backend (CPU); op schemas in ops.cpp.
 //
 //   fastdpo::logps_forward(logits, labels, ignore_index, shift)
 //       -> (token_logps [N, T'], lse [N, T'], sequence_logps [N], logit_sums [N])
@@ -13,8 +13,6 @@
 // backward. Math is float32 (float64 for float64 input, used by gradcheck). Rows run in
 // parallel; per-sequence sums are reduced afterwards in row order, so results do not depend on
 // the number of threads.
-
-#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,28 +30,15 @@
 #include <limits>
 
 #include "checks.h"
+#include "vec_math.h"
 
 namespace {
 
+using fastdpo::load_block;
+using fastdpo::vexp;
+
 constexpr int64_t kBlock = 2048;  // elements per block: 8 KB of float32, stays in L1
 constexpr int64_t kGrain = 16;    // rows per parallel task: one row is already thousands of elements
-
-// exp on a vector: the fast AVX variant (~1 ulp for our range) for float, exact scalar exp for double.
-inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) {
-  return x.map([](double v) { return std::exp(v); });
-}
-
-// A block of a row in the math type: the row itself when the types agree, else converted into buf.
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_block(const scalar_t* src, acc_t* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
 
 // Outputs, saved statistics and upstream gradients are float32 (float64 for float64 logits).
 at::ScalarType math_dtype(const at::Tensor& logits) {
@@ -246,20 +231,8 @@ void logps_backward_inplace(at::Tensor& logits, const at::Tensor& labels, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastdpo, m) {
-  m.def("logps_forward(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("logps_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> Tensor");
-  m.def("logps_backward_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("logps_forward", &logps_forward);
   m.impl("logps_backward", &logps_backward);
   m.impl("logps_backward_", &logps_backward_inplace);
-}
-
-// `import fastdpo._C` loads this library (and so registers the ops); the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastdpo native kernels", -1, nullptr};
-  return PyModule_Create(&module);
 }

@@ -1,4 +1,4 @@
-// Tile kernels for the fused linear path (fastdpo/linear_tiles.py) on CPU.
+// Tile kernels for the fused linear path (fastdpo/backends/linear_tiles.py) on CPU; op schemas in ops.cpp.
 //
 // The fused linear path projects hidden states onto the LM head one float32 tile
 // [rows, vocab block] at a time and never holds the full logits. These two ops do the
@@ -30,15 +30,13 @@
 #include <limits>
 
 #include "checks.h"
+#include "vec_math.h"
 
 namespace {
 
-constexpr int64_t kGrain = 8;  // rows per parallel task
+using fastdpo::vexp;
 
-inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) {
-  return x.map([](double v) { return std::exp(v); });
-}
+constexpr int64_t kGrain = 8;  // rows per parallel task
 
 void check_tile(const at::Tensor& tile) {
   CHECK_CPU(tile);
@@ -133,11 +131,6 @@ void softmax_grad_tile(at::Tensor& tile, const at::Tensor& labels_local, const a
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(fastdpo, m) {
-  m.def("lse_fold_(Tensor(a!) tile, Tensor running_max, Tensor running_sum) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("softmax_grad_tile_(Tensor(a!) tile, Tensor labels_local, Tensor lse, Tensor grad_rows) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("lse_fold_", &lse_fold);

@@ -8,8 +8,9 @@ the same from hidden states and the LM head without ever holding the logits. ``D
 imported on first use, so ``import fastdpo`` does not load the trainer or what it needs.
 """
 
+from fastdpo.backends import available_backends
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
-from fastdpo.logps import available_backends, fused_logps, sequence_logps, token_logps
+from fastdpo.logps import fused_logps, sequence_logps, token_logps
 from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
 from fastdpo.functional import LOSS_TYPES, preference_loss
 

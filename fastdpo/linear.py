@@ -1,6 +1,6 @@
 """``linear_token_logps`` / ``linear_sequence_logps``: DPO log-probs from hidden states and the
 LM head, the ``[N, T, V]`` logits never in memory. Argument checks, dispatch and autograd; the
-tiled loops are in fastdpo/linear_tiles.py.
+tiled loops are in fastdpo/backends/linear_tiles.py.
 
 Same results as ``token_logps(hidden @ weight.T + bias, labels)`` (computed in float32), and
 gradients flow to ``hidden``, ``weight`` and ``bias``.
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.backends import Backend
-from fastdpo.backends.torch_chunked import counted_rows
-from fastdpo.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
-from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_labels, resolve_backend
+from fastdpo.backends import Backend, resolve_backend
+from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
+from fastdpo.backends.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
+from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_labels
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: bool) -> None:
@@ -65,7 +65,7 @@ def _per_sequence(values: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
     return out.index_add_(0, rows.n, values.double()).float()
 
 
-def _forward(hidden, weight, bias, s: _Settings, out_len: int, hidden_grad: torch.Tensor | None):
+def _forward(hidden, weight, bias, s: _Settings, positions: int, hidden_grad: torch.Tensor | None):
     """(token_logps, sequence_logps, logit_sums, lse of the counted rows)."""
     rows = s.rows
     with _no_autocast(hidden):
@@ -73,7 +73,7 @@ def _forward(hidden, weight, bias, s: _Settings, out_len: int, hidden_grad: torc
             hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad
         )
     picked = label_logit - lse
-    token_logps = torch.zeros(hidden.shape[0], out_len, dtype=torch.float32, device=hidden.device)
+    token_logps = torch.zeros(hidden.shape[0], positions, dtype=torch.float32, device=hidden.device)
     token_logps[rows.n, rows.t] = picked
     n = hidden.shape[0]
     return token_logps, _per_sequence(picked, rows, n), _per_sequence(logit_sum, rows, n), lse
@@ -83,16 +83,16 @@ class _FusedLinearLogps(torch.autograd.Function):
     """(token_logps, sequence_logps, logit_sums) from hidden states and the head; see linear_tiles."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, settings: _Settings, out_len: int):
+    def forward(ctx, hidden, weight, bias, settings: _Settings, positions: int):
         # d logp / d hidden is finished in the forward sweep, straight into its final buffer.
         hidden_grad = None
         if ctx.needs_input_grad[0]:
             hidden_grad = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         token_logps, sequence_logps, logit_sums, lse = _forward(
-            hidden, weight, bias, settings, out_len, hidden_grad
+            hidden, weight, bias, settings, positions, hidden_grad
         )
         ctx.save_for_backward(hidden, weight, bias, lse)
-        ctx.settings, ctx.hidden_grad = settings, hidden_grad
+        ctx.settings, ctx.hidden_grad, ctx.positions = settings, hidden_grad, positions
         ctx.mark_non_differentiable(logit_sums)
         return token_logps, sequence_logps, logit_sums
 
@@ -101,11 +101,10 @@ class _FusedLinearLogps(torch.autograd.Function):
         hidden, weight, bias, lse = ctx.saved_tensors
         s: _Settings = ctx.settings
         rows = s.rows
-        grad_rows = torch.zeros_like(lse)
-        if grad_tokens is not None:
-            grad_rows += grad_tokens[rows.n, rows.t].float()
-        if grad_sequences is not None:
-            grad_rows += grad_sequences[rows.n].float()
+        shape = (hidden.shape[0], ctx.positions)
+        grad_rows = combine_grad_rows(grad_tokens, grad_sequences, shape, lse.dtype, lse.device)[
+            rows.n, rows.t
+        ]
         grad_hidden = None
         if ctx.needs_input_grad[0]:
             if ctx.hidden_grad is None:
@@ -120,9 +119,17 @@ class _FusedLinearLogps(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             with _no_autocast(hidden):
                 grad_weight, grad_bias = weight_grad_tiles(
-                    hidden, weight, bias, rows, lse, grad_rows, s.kernels, s.plan,
-                    need_weight=ctx.needs_input_grad[1], need_bias=ctx.needs_input_grad[2],
-                )  # fmt: skip
+                    hidden,
+                    weight,
+                    bias,
+                    rows,
+                    lse,
+                    grad_rows,
+                    s.kernels,
+                    s.plan,
+                    need_weight=ctx.needs_input_grad[1],
+                    need_bias=ctx.needs_input_grad[2],
+                )
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
@@ -154,14 +161,12 @@ def fused_linear_logps(
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
     settings = _Settings(resolve_backend(backend, hidden.device), plan, Rows(n, t, v))
-    out_len = labels.shape[1] - 1 if shift else labels.shape[1]
+    positions = out_len(labels.shape[1], shift)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
-        token, sequence, logit_sums = _FusedLinearLogps.apply(hidden, weight, bias, settings, out_len)
+        token, sequence, logit_sums = _FusedLinearLogps.apply(hidden, weight, bias, settings, positions)
     else:  # no autograd (a reference model, evaluation): no gradient work in the forward either
-        token, sequence, logit_sums, _ = _forward(hidden, weight, bias, settings, out_len, None)
-    return FusedLogps(
-        token, sequence, (labels[:, 1:] if shift else labels).ne(ignore_index).sum(-1), logit_sums
-    )
+        token, sequence, logit_sums, _ = _forward(hidden, weight, bias, settings, positions, None)
+    return FusedLogps(token, sequence, scored_labels(labels, shift).ne(ignore_index).sum(-1), logit_sums)
 
 
 def linear_token_logps(

@@ -6,61 +6,15 @@ for the ``logits/*`` metrics; one backward pass writes the gradient of the logit
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from fastdpo.backends import Backend, get_backend, known_backends, why_unavailable
+from fastdpo.backends import Backend, resolve_backend
+from fastdpo.backends.common import logits_grad, scored_labels
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Names of the backends that can run tensors on ``device`` on this machine."""
-    device = torch.device(device)
-    names = []
-    for name in known_backends():
-        backend = get_backend(name)
-        if backend is not None and backend.supports(device):
-            names.append(name)
-    return names
-
-
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Pick the backend for ``device``: ``auto`` prefers triton (CUDA), then native (CPU), then torch."""
-    if name == "auto":
-        kernel = "triton" if device.type == "cuda" else "native"
-        backend = get_backend(kernel)
-        if backend is not None and backend.supports(device):
-            return backend
-        _warn_fallback_once(kernel, device)
-        return get_backend("torch")
-    if name not in known_backends():
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + known_backends()}")
-    backend = get_backend(name)
-    if backend is None or not backend.supports(device):
-        reason = why_unavailable(name) or f"it does not run on {device.type} tensors"
-        raise ValueError(
-            f"backend {name!r} is not available here ({reason}); available for {device.type}: "
-            f"{available_backends(device)} (backend='auto' falls back to 'torch')"
-        )
-    return backend
-
-
-_warned: set[str] = set()
-
-
-def _warn_fallback_once(kernel: str, device: torch.device) -> None:
-    if kernel in _warned:
-        return
-    _warned.add(kernel)
-    reason = why_unavailable(kernel) or f"it does not run on {device.type} tensors"
-    warnings.warn(
-        f"fastdpo: the {kernel} backend is unavailable ({reason}); using the slower torch backend",
-        stacklevel=3,
-    )
 
 
 def check_labels(
@@ -86,7 +40,7 @@ def check_labels(
         raise ValueError("shift=True needs sequences of at least 2 positions (T >= 2)")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {scores} are on {device}")
-    target = labels[:, 1:] if shift else labels
+    target = scored_labels(labels, shift)
     counted = target[target != ignore_index]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
         bad = counted[(counted < 0) | (counted >= vocab)][0].item()
@@ -133,11 +87,17 @@ class _FusedLogps(torch.autograd.Function):
     def backward(ctx, grad_tokens, grad_sequences, _grad_logit_sums):
         logits, labels, lse = ctx.saved_tensors
         s: _Settings = ctx.settings
-        # Each counted position's log-prob feeds its own output and its sequence's sum.
-        grad_rows = torch.zeros_like(lse) if grad_tokens is None else grad_tokens.float()
-        if grad_sequences is not None:
-            grad_rows = grad_rows + grad_sequences.float().unsqueeze(1)
-        grad = s.backend.backward(logits, labels, lse, grad_rows, s.ignore_index, s.shift, s.inplace_backward)
+        grad = logits_grad(
+            s.backend.backward,
+            logits,
+            labels,
+            lse,
+            grad_tokens,
+            grad_sequences,
+            s.ignore_index,
+            s.shift,
+            s.inplace_backward,
+        )
         return grad, None, None
 
 
@@ -163,8 +123,7 @@ def fused_logps(
     chosen = resolve_backend(backend, logits.device)
     settings = _Settings(chosen, int(ignore_index), bool(shift), bool(inplace_backward))
     token, sequence, logit_sums = _FusedLogps.apply(logits, labels, settings)
-    target = labels[:, 1:] if shift else labels
-    counts = (target != ignore_index).sum(-1)
+    counts = (scored_labels(labels, shift) != ignore_index).sum(-1)
     return FusedLogps(token, sequence, counts, logit_sums)
 
 

@@ -274,7 +274,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
     ``forward(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None,
     ref_bias=None, ref_logps=None) -> DPOOutput`` gives the same results as
     ``DPOLoss()(hidden @ weight.T + bias, labels, ...)``, but the ``[2B, T, V]`` logits never exist
-    (see fastdpo/linear_tiles.py). ``hidden`` is ``[2B, T, H]`` (chosen rows, then rejected
+    (see fastdpo/backends/linear_tiles.py). ``hidden`` is ``[2B, T, H]`` (chosen rows, then rejected
     rows), ``weight`` ``[V, H]``, ``bias`` ``[V]``. The reference is exactly one of
     ``ref_hidden`` (with ``ref_weight`` / ``ref_bias``, which default to the policy's head, for
     a shared frozen head), ``ref_logps`` (``[2B]``) or ``reference_free=True``. Gradients flow to

@@ -40,9 +40,16 @@ def ground_truth(hidden, weight, bias, labels, w_tok, w_seq, *, ignore_index=-10
 def _run(backend, hidden, weight, bias, labels, *, shift=True, ignore_index=-100, tiles=(None, None)):
     x = [z.clone().requires_grad_(True) if z is not None else None for z in (hidden, weight, bias)]
     out = fused_linear_logps(
-        x[0], x[1], labels, bias=x[2], ignore_index=ignore_index, shift=shift, backend=backend,
-        row_tile=tiles[0], vocab_tile=tiles[1],
-    )  # fmt: skip
+        x[0],
+        x[1],
+        labels,
+        bias=x[2],
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
+        row_tile=tiles[0],
+        vocab_tile=tiles[1],
+    )
     gen = torch.Generator().manual_seed(1)
     w_tok = torch.randn(out.token_logps.shape, generator=gen)
     w_seq = torch.randn(out.sequence_logps.shape, generator=gen)
@@ -313,7 +320,7 @@ def test_autocast_region_does_not_change_the_result():
 
 
 def test_tile_plan_stays_within_the_memory_budget():
-    from fastdpo.linear_tiles import CPU_TILES, TILE_BUDGET, plan_tiles, working_bytes
+    from fastdpo.backends.linear_tiles import CPU_TILES, TILE_BUDGET, plan_tiles, working_bytes
 
     cpu = torch.device("cpu")
     logits = 4 * 1024 * 128256 * 4  # float32 logits of 2 pairs x 1024 tokens, Llama-3 vocabulary

@@ -133,11 +133,11 @@ def test_inplace_through_dpo_loss():
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
-    from fastdpo import backends, logps
+    from fastdpo import backends
 
     monkeypatch.setitem(backends._loaded, "native", None)
     monkeypatch.setitem(backends._why_unavailable, "native", "ImportError: fastdpo._C was not built")
-    monkeypatch.setattr(logps, "_warned", set())
+    monkeypatch.setattr(backends, "_warned", set())
     logits, labels = make_inputs(2, 5, 11)
     with pytest.warns(
         UserWarning, match=r"native backend is unavailable \(ImportError: fastdpo._C was not built\)"

@@ -28,8 +28,8 @@ from helpers import (
 from test_parity import _check_forward_and_grad
 
 from fastdpo import available_backends, fused_logps, sequence_logps
+from fastdpo.backends import common, resolve_backend
 from fastdpo.backends import triton_kernels as tk
-from fastdpo.logps import resolve_backend
 
 tk.load()
 ops = torch.ops.fastdpo
@@ -55,12 +55,12 @@ pytestmark = pytest.mark.skipif(
     ],
 )
 def test_launch_config(vocab, block, warps):
-    assert tk.launch_config(vocab) == (block, warps)
+    assert common.launch_config(vocab) == (block, warps)
 
 
 def test_launch_config_rejects_empty_vocabulary():
     with pytest.raises(ValueError, match="non-empty"):
-        tk.launch_config(0)
+        common.launch_config(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -68,8 +68,8 @@ def test_launch_config_rejects_empty_vocabulary():
 def test_many_blocks_with_a_growing_max(monkeypatch, dtype, shape):
     """Blocks of 64: the running max grows block after block (a ramp), so every rescale of the
     running sum is exercised, and the last block is partial."""
-    monkeypatch.setattr(tk, "MAX_BLOCK_V", 64)
-    assert tk.launch_config(shape[-1])[0] == 64
+    monkeypatch.setattr(common, "MAX_BLOCK_V", 64)
+    assert common.launch_config(shape[-1])[0] == 64
     logits, labels = make_inputs(*shape, torch.float32)
     ramp = torch.linspace(0, 12, shape[-1])
     _check_forward_and_grad("triton", (logits + ramp).to(dtype), labels)
@@ -183,7 +183,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     from fastdpo.backends import triton_kernels as tk
 
     assert not tk.INTERPRETED
-    tk._register()  # what load() does on a machine with CUDA
+    tk.define_ops()  # what importing the module does on a machine with CUDA
     ops = torch.ops.fastdpo
 
     def step(x, y):

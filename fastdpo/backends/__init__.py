@@ -1,4 +1,4 @@
-"""Kernel backends and the registry that dispatch picks from.
+"""Kernel backends, the registry, and the choice of a backend for a device (``resolve_backend``).
 
 Every backend provides the same two kernels (plain functions, no autograd):
 
@@ -18,7 +18,7 @@ Every backend provides the same two kernels (plain functions, no autograd):
     (including logits rows the shift leaves unused), in ``logits.dtype``. With ``inplace=True``
     the backend may write the gradient into ``logits``' own storage and return that tensor.
 
-Two tile kernels serve the fused linear path (fastdpo/linear_tiles.py), which projects hidden
+Two tile kernels serve the fused linear path (fastdpo/backends/linear_tiles.py), which projects hidden
 states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
 
 ``lse_fold(tile, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)``
@@ -30,26 +30,30 @@ states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
 ``softmax_grad_tile(tile, labels_local, lse, grad_rows) -> None``
     Overwrites ``tile`` with ``grad_rows * (onehot(labels_local) - exp(tile - lse))``; a label
     outside ``[0, tile.shape[1])`` belongs to another vocabulary block.
+
+What the backends share (the label shift, the fake kernels' shape rule, the one backward of
+the log-prob op, the Triton launch heuristic) is in the leaf module ``common.py``. A backend
+imports from it and from its own files only (triton_kernels.py takes its tile kernels from
+triton_tiles.py), never from another backend.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
 
 import torch
 
+from fastdpo.backends.common import Backend
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    forward: Callable
-    backward: Callable
-    lse_fold: Callable
-    softmax_grad_tile: Callable
-    supports: Callable[[torch.device], bool]  # can this backend run tensors on that device?
-
+__all__ = [
+    "Backend",
+    "available_backends",
+    "get_backend",
+    "known_backends",
+    "resolve_backend",
+    "why_unavailable",
+]
 
 _MODULES = {
     "torch": "fastdpo.backends.torch_chunked",
@@ -58,6 +62,7 @@ _MODULES = {
 }
 _loaded: dict[str, Backend | None] = {}
 _why_unavailable: dict[str, str] = {}
+_warned: set[str] = set()  # kernels whose absence ``auto`` has already warned about
 
 
 def _load(name: str) -> Backend | None:
@@ -84,3 +89,46 @@ def get_backend(name: str) -> Backend | None:
 def why_unavailable(name: str) -> str:
     _load(name)
     return _why_unavailable.get(name, "")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Names of the backends that can run tensors on ``device`` on this machine."""
+    device = torch.device(device)
+    names = []
+    for name in known_backends():
+        backend = get_backend(name)
+        if backend is not None and backend.supports(device):
+            names.append(name)
+    return names
+
+
+def resolve_backend(name: str, device: torch.device) -> Backend:
+    """Pick the backend for ``device``: ``auto`` prefers triton (CUDA), then native (CPU), then torch."""
+    if name == "auto":
+        kernel = "triton" if device.type == "cuda" else "native"
+        backend = get_backend(kernel)
+        if backend is not None and backend.supports(device):
+            return backend
+        _warn_fallback_once(kernel, device)
+        return get_backend("torch")
+    if name not in known_backends():
+        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + known_backends()}")
+    backend = get_backend(name)
+    if backend is None or not backend.supports(device):
+        reason = why_unavailable(name) or f"it does not run on {device.type} tensors"
+        raise ValueError(
+            f"backend {name!r} is not available here ({reason}); available for {device.type}: "
+            f"{available_backends(device)} (backend='auto' falls back to 'torch')"
+        )
+    return backend
+
+
+def _warn_fallback_once(kernel: str, device: torch.device) -> None:
+    if kernel in _warned:
+        return
+    _warned.add(kernel)
+    reason = why_unavailable(kernel) or f"it does not run on {device.type} tensors"
+    warnings.warn(
+        f"fastdpo: the {kernel} backend is unavailable ({reason}); using the slower torch backend",
+        stacklevel=3,
+    )

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo.backends import Backend
+from fastdpo.backends.common import Backend, counted_rows, out_len
 
 # Size of the float32 working buffer per chunk: large enough to amortise the per-chunk
 # overhead, small next to any logits tensor worth optimising (a 128k vocabulary row is 0.5 MB).
 CHUNK_BYTES = 4 * 2**20
-
-
-def counted_rows(labels: torch.Tensor, ignore_index: int, shift: bool):
-    """Indices (n, t) of counted positions, the logits row each one reads, and its label."""
-    target = labels[:, 1:] if shift else labels
-    n_idx, t_idx = (target != ignore_index).nonzero(as_tuple=True)
-    return n_idx, t_idx, target[n_idx, t_idx]
 
 
 def _chunks(num_rows: int, vocab: int):
@@ -31,7 +24,7 @@ def _chunks(num_rows: int, vocab: int):
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
     n, t, vocab = logits.shape
-    out_t = t - 1 if shift else t
+    out_t = out_len(t, shift)
     device = logits.device
     token_logps = torch.zeros(n, out_t, dtype=torch.float32, device=device)
     lse = torch.zeros(n, out_t, dtype=torch.float32, device=device)

@@ -28,24 +28,17 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastdpo.backends import Backend
-
-# Elements of a row one program handles per step. 4096 float32 over 8 warps is 16 elements
-# (four 128-bit loads) per thread: enough in flight to saturate memory, few enough registers.
-# Under the interpreter the same blocks are numpy vectors, so the heuristic works there too
-# (autotuning cannot, since it benchmarks).
-MAX_BLOCK_V = 4096
-MIN_BLOCK_V = 16
-
-
-def launch_config(vocab: int) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab``: the whole row in one block when it
-    fits in ``MAX_BLOCK_V``, else ``MAX_BLOCK_V`` blocks; one warp per 512 elements, 1 to 8."""
-    if vocab < 1:
-        raise ValueError(f"vocabulary must be non-empty, got {vocab}")
-    block = max(MIN_BLOCK_V, min(MAX_BLOCK_V, triton.next_power_of_2(vocab)))
-    num_warps = max(1, min(8, block // 512))
-    return block, num_warps
+from fastdpo.backends import triton_tiles  # the fused linear path's tile kernels, same backend
+from fastdpo.backends.common import (
+    Backend,
+    fake_logps_backward,
+    fake_logps_backward_,
+    fake_logps_forward,
+    launch_config,
+    out_len,
+    register_logps_autograd,
+    stats_dtype,
+)
 
 
 @triton.jit
@@ -56,10 +49,20 @@ def _row_offset(n, t, stride_n, stride_t):
 
 @triton.jit
 def _forward_kernel(
-    logits_ptr, labels_ptr, token_ptr, lse_ptr, row_sum_ptr,
-    T, T_out, V, stride_n, stride_t, ignore_index,
-    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    labels_ptr,
+    token_ptr,
+    lse_ptr,
+    row_sum_ptr,
+    T,
+    T_out,
+    V,
+    stride_n,
+    stride_t,
+    ignore_index,
+    SHIFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pos = tl.program_id(0).to(tl.int64)  # output position n * T_out + t
     n = pos // T_out
     t = pos - n * T_out
@@ -97,10 +100,22 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    logits_ptr, labels_ptr, lse_ptr, grad_rows_ptr, grad_ptr,
-    T, T_out, V, stride_n, stride_t, grad_stride_n, grad_stride_t, ignore_index,
-    SHIFT: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    grad_ptr,
+    T,
+    T_out,
+    V,
+    stride_n,
+    stride_t,
+    grad_stride_n,
+    grad_stride_t,
+    ignore_index,
+    SHIFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # logits row n * T + t
     n = row // T
     t = row - n * T
@@ -125,29 +140,36 @@ def _backward_kernel(
         tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _out_len(time: int, shift: bool) -> int:
-    return time - 1 if shift else time
-
-
 def _forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, time, vocab = logits.shape
-    out_t = _out_len(time, shift)
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    token_logps = torch.empty(n, out_t, **f32)
-    lse = torch.empty(n, out_t, **f32)
-    row_sums = torch.empty(n, out_t, **f32)
+    out_t = out_len(time, shift)
+    stats = dict(dtype=stats_dtype(logits.dtype), device=logits.device)
+    token_logps = torch.empty(n, out_t, **stats)
+    lse = torch.empty(n, out_t, **stats)
+    row_sums = torch.empty(n, out_t, **stats)
     if n * out_t > 0:
         block, warps = launch_config(vocab)
         wrap_triton(_forward_kernel)[(n * out_t,)](
-            logits, labels, token_logps, lse, row_sums,
-            time, out_t, vocab, logits.stride(0), logits.stride(1), ignore_index,
-            SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+            logits_ptr=logits,
+            labels_ptr=labels,
+            token_ptr=token_logps,
+            lse_ptr=lse,
+            row_sum_ptr=row_sums,
+            T=time,
+            T_out=out_t,
+            V=vocab,
+            stride_n=logits.stride(0),
+            stride_t=logits.stride(1),
+            ignore_index=ignore_index,
+            SHIFT=int(shift),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
     # Deterministic reduction: a plain sum over rows in float64 (a few bytes per position).
-    sequence_logps = token_logps.sum(-1, dtype=torch.float64).float()
-    logit_sums = row_sums.sum(-1, dtype=torch.float64).float()
+    sequence_logps = token_logps.sum(-1, dtype=torch.float64).to(token_logps.dtype)
+    logit_sums = row_sums.sum(-1, dtype=torch.float64).to(token_logps.dtype)
     return token_logps, lse, sequence_logps, logit_sums
 
 
@@ -158,11 +180,23 @@ def _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, grad) 
     block, warps = launch_config(vocab)
     grid = (n * time, triton.cdiv(vocab, block))
     wrap_triton(_backward_kernel)[grid](
-        logits, labels, lse, grad_rows, grad,
-        time, _out_len(time, shift), vocab, logits.stride(0), logits.stride(1),
-        grad.stride(0), grad.stride(1), ignore_index,
-        SHIFT=int(shift), BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        logits_ptr=logits,
+        labels_ptr=labels,
+        lse_ptr=lse,
+        grad_rows_ptr=grad_rows,
+        grad_ptr=grad,  # the logits themselves when in place
+        T=time,
+        T_out=out_len(time, shift),
+        V=vocab,
+        stride_n=logits.stride(0),
+        stride_t=logits.stride(1),
+        grad_stride_n=grad.stride(0),
+        grad_stride_t=grad.stride(1),
+        ignore_index=ignore_index,
+        SHIFT=int(shift),
+        BLOCK_V=block,
+        num_warps=warps,
+    )
 
 
 def _backward(
@@ -189,22 +223,6 @@ def _backward_(
     _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, logits)
 
 
-def _fake_forward(logits, labels, ignore_index, shift):
-    n, time, _ = logits.shape
-    out_t = _out_len(time, shift)
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    return (logits.new_empty(n, out_t, **f32), logits.new_empty(n, out_t, **f32),
-            logits.new_empty(n, **f32), logits.new_empty(n, **f32))  # fmt: skip
-
-
-def _fake_backward(logits, labels, lse, grad_rows, ignore_index, shift):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-
-def _fake_backward_(logits, labels, lse, grad_rows, ignore_index, shift):
-    return None
-
-
 INTERPRETED = not isinstance(_forward_kernel, triton.runtime.jit.JITFunction)
 _ops = None
 
@@ -218,40 +236,25 @@ def _define(name: str, fn, fake, mutates_args=()):
     return op
 
 
-def _register():
-    """Define the three ops once, and autograd for the forward op (so it works on its own)."""
+def define_ops():
+    """Define the three ops once, with autograd for the forward op (so it works on its own)."""
     global _ops
-    if _ops is not None:
-        return _ops
-    forward_op = _define("fastdpo::triton_logps_forward", _forward, _fake_forward)
-    backward_op = _define("fastdpo::triton_logps_backward", _backward, _fake_backward)
-    backward_op_ = _define("fastdpo::triton_logps_backward_", _backward_, _fake_backward_, ("logits",))
-
-    def setup_context(ctx, inputs, output):
-        logits, labels, ignore_index, shift = inputs
-        ctx.save_for_backward(logits, labels, output[1])
-        ctx.ignore_index, ctx.shift = ignore_index, shift
-
-    def backward(ctx, grad_tokens, _grad_lse, grad_sequences, _grad_logit_sums):
-        logits, labels, lse = ctx.saved_tensors
-        grad_rows = torch.zeros_like(lse) if grad_tokens is None else grad_tokens.float()
-        if grad_sequences is not None:
-            grad_rows = grad_rows + grad_sequences.float().unsqueeze(1)
-        grad = backward_op(logits, labels, lse, grad_rows.contiguous(), ctx.ignore_index, ctx.shift)
-        return grad, None, None, None
-
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    _ops = (forward_op, backward_op, backward_op_)
+    if _ops is None:
+        forward_op = _define("fastdpo::triton_logps_forward", _forward, fake_logps_forward)
+        backward_op = _define("fastdpo::triton_logps_backward", _backward, fake_logps_backward)
+        inplace_op = _define("fastdpo::triton_logps_backward_", _backward_, fake_logps_backward_, ("logits",))
+        _ops = (forward_op, backward_op, inplace_op)
+        register_logps_autograd(forward_op, backward)
     return _ops
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
-    forward_op, _, _ = _register()
+    forward_op, _, _ = define_ops()
     return forward_op(logits, labels.contiguous(), ignore_index, shift)
 
 
 def backward(logits, labels, lse, grad_rows, ignore_index, shift, inplace=False):
-    _, backward_op, backward_op_ = _register()
+    _, backward_op, backward_op_ = define_ops()
     labels, lse, grad_rows = labels.contiguous(), lse.contiguous(), grad_rows.contiguous()
     if inplace:
         backward_op_(logits, labels, lse, grad_rows, ignore_index, shift)
@@ -265,13 +268,13 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
 
 
-def load() -> Backend:
-    from fastdpo.backends import triton_tiles  # the fused linear path's tile kernels
+# Defining the ops costs about a second (triton_op reads the kernels' source): done once, here,
+# where they can run; on a machine where they cannot, ``available_backends()`` does not pay it.
+if INTERPRETED or torch.cuda.is_available():
+    define_ops()
 
-    if INTERPRETED or torch.cuda.is_available():
-        # Defining the ops costs about a second (triton_op reads the kernels' source); on a
-        # machine where they cannot run, ``available_backends()`` should not pay it.
-        _register()
+
+def load() -> Backend:
     return Backend(
         "triton", forward, backward, triton_tiles.lse_fold, triton_tiles.softmax_grad_tile, supports=supports
     )

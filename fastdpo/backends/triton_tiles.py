@@ -1,6 +1,6 @@
 """Triton tile kernels of the fused linear path (contract in fastdpo/backends/__init__.py).
 
-The fused linear path (fastdpo/linear_tiles.py) computes a float32 tile ``[rows, vocabulary
+The fused linear path (fastdpo/backends/linear_tiles.py) computes a float32 tile ``[rows, vocabulary
 block]`` of the projection with a matmul, then calls these kernels for the element-wise work:
 one program per tile row, the row streamed in ``BLOCK`` pieces, all math in float32.
 
@@ -17,14 +17,22 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdpo.backends.triton_kernels import launch_config
+from fastdpo.backends.common import launch_config
 
 
 @triton.jit
 def _lse_fold_kernel(
-    tile_ptr, stride, cols, max_ptr, sum_ptr, new_max_ptr, new_sum_ptr, rescale_ptr, logit_sum_ptr,
+    tile_ptr,
+    stride,
+    cols,
+    max_ptr,
+    sum_ptr,
+    new_max_ptr,
+    new_sum_ptr,
+    rescale_ptr,
+    logit_sum_ptr,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     r = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + r * stride
     m_tile = -float("inf")
@@ -82,9 +90,18 @@ def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.T
     if rows:
         block, warps = launch_config(cols)
         _lse_fold_kernel[(rows,)](
-            tile, tile.stride(0), cols, running_max.contiguous(), running_sum.contiguous(),
-            new_max, new_sum, rescale, logit_sum, BLOCK=block, num_warps=warps,
-        )  # fmt: skip
+            tile_ptr=tile,
+            stride=tile.stride(0),
+            cols=cols,
+            max_ptr=running_max.contiguous(),
+            sum_ptr=running_sum.contiguous(),
+            new_max_ptr=new_max,
+            new_sum_ptr=new_sum,
+            rescale_ptr=rescale,
+            logit_sum_ptr=logit_sum,
+            BLOCK=block,
+            num_warps=warps,
+        )
     return new_max, new_sum, rescale, logit_sum
 
 
@@ -96,6 +113,12 @@ def softmax_grad_tile(
     if rows:
         block, warps = launch_config(cols)
         _softmax_grad_tile_kernel[(rows,)](
-            tile, tile.stride(0), cols, labels_local.contiguous(), lse.contiguous(), grad_rows.contiguous(),
-            BLOCK=block, num_warps=warps,
-        )  # fmt: skip
+            tile_ptr=tile,
+            stride=tile.stride(0),
+            cols=cols,
+            labels_ptr=labels_local.contiguous(),
+            lse_ptr=lse.contiguous(),
+            grad_ptr=grad_rows.contiguous(),
+            BLOCK=block,
+            num_warps=warps,
+        )

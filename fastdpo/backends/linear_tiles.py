@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastdpo.backends import Backend
+from fastdpo.backends.common import Backend
 
 # CPU tile shapes (rows, vocabulary), largest first. Bigger tiles keep two threads' matmuls
 # busier (measured on 2 cores: 512 x 1024 about 10-30% faster than 256 x 512), smaller ones hold

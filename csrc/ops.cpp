@@ -1,0 +1,29 @@
+// The fastdpo operator library: every op's schema, in one place. The CPU implementations are
+// registered next to their kernels (logps_kernels.cpp, tile_kernels.cpp); fake (meta) kernels
+// and autograd are added once in Python (fastdpo/backends/native.py).
+//
+//   logps_forward(logits, labels, ignore_index, shift) -> (token_logps, lse, sequence_logps, logit_sums)
+//   logps_backward(logits, labels, lse, grad_rows, ignore_index, shift) -> grad
+//   logps_backward_(logits!, ...) -> ()               the same, written into logits' storage
+//   lse_fold_(tile!, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)
+//   softmax_grad_tile_(tile!, labels_local, lse, grad_rows) -> ()
+//
+// Semantics: the backend contract in fastdpo/backends/__init__.py.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdpo, m) {
+  m.def("logps_forward(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("logps_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> Tensor");
+  m.def("logps_backward_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> ()");
+  m.def("lse_fold_(Tensor(a!) tile, Tensor running_max, Tensor running_sum) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("softmax_grad_tile_(Tensor(a!) tile, Tensor labels_local, Tensor lse, Tensor grad_rows) -> ()");
+}
+
+// `import fastdpo._C` loads this library (and so registers the ops); the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastdpo native kernels", -1, nullptr};
+  return PyModule_Create(&module);
+}
