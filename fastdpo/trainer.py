@@ -520,11 +520,8 @@ class DPOTrainer:
 
     def load_checkpoint(self, path: bool | str | os.PathLike) -> None:
         """Restore model weights, optimizer, scheduler, step, RNG and reference log-probs."""
-        if path is True:
-            path = ckpt.last_checkpoint(self.output_dir)
-            if path is None:
-                raise ValueError(f"no checkpoint to resume from in {self.output_dir}")
-        state = ckpt.load_state(path)
+        # issue 13 (trust): verified against its manifest (falling back past broken ones), and said
+        path, state = ckpt.open_checkpoint(self.output_dir if path is True else path, latest=path is True)
         ckpt.load_model_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -539,15 +536,9 @@ class DPOTrainer:
         if self.config.precompute_ref_log_probs:
             self.ref_model = None
         ckpt.set_rng_state(state["rng"])
-        if self.is_main:  # drop metric lines written after this checkpoint by the interrupted run
-            metrics = self.output_dir / self.config.metrics_file
-            if metrics.is_file():
-                lines = [
-                    ln
-                    for ln in metrics.read_text().splitlines()
-                    if json.loads(ln).get("step", 0) <= self.step
-                ]
-                metrics.write_text("".join(ln + "\n" for ln in lines))
+        # Drop metric lines written after this checkpoint by the interrupted run (issue 13: and a torn one).
+        if self.is_main and self.config.metrics_file:
+            ckpt.truncate_metrics(self.output_dir / self.config.metrics_file, self.step)
 
     def _barrier(self) -> None:
         if self.world > 1:
