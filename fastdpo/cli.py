@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "when --model is not given, else none: reference-free)")  # fmt: skip
     e.add_argument("--data", nargs="+", help="JSONL file(s) of pairs (default: the shipped pairs)")
     _add_data_options(e)
+    for p in (t, e):  # issue 13 (trust): user errors are one line; --debug shows their traceback
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -202,8 +204,21 @@ def load_model(path: str, dtype: str, download: bool):
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     kwargs = dict(local_files_only=not download)
+    # issue 13 (trust): say what is wrong rather than from_pretrained's message about repository names
+    if not download and not os.path.exists(path) and not _in_hf_cache(path):
+        missing = "no such model directory, nor a model in the Hugging Face cache (--download fetches it)"
+        raise FileNotFoundError(f"{path}: {missing}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _in_hf_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository name either
+        return False
 
 
 def config_from_args(args, base: dict) -> DPOConfig:
@@ -299,7 +314,7 @@ def train_command(args) -> int:
         base = dict(DEFAULT_RUN)
     else:
         if not args.data:
-            raise SystemExit("fastdpo train: --data FILE.jsonl is required with --model")
+            raise ValueError("--data FILE.jsonl is required with --model")
         model_path, data, eval_data, base = (
             args.model,
             args.data,
@@ -366,7 +381,7 @@ def eval_command(args) -> int:
     if model_path is None:
         model_path = pathlib.Path(DEFAULT_RUN["output_dir"]) / "final"
         if not (model_path / "config.json").is_file():
-            raise SystemExit(f"fastdpo eval: no trained model in {model_path}; run `fastdpo train` first")
+            raise ValueError(f"no trained model in {model_path}; run `fastdpo train` first")
         ref_path = ref_path or str(_default_model_path())
         base = {k: DEFAULT_RUN[k] for k in ("beta", "max_length", "max_prompt_length")}
     if data is None:
@@ -390,10 +405,24 @@ def eval_command(args) -> int:
     return 0
 
 
+def error_line(error: BaseException) -> str:
+    """One line for a user error: the message of an OSError with its file, whitespace folded."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return train_command(args) if args.command == "train" else eval_command(args)
+    except (ValueError, OSError) as error:  # issue 13 (trust): bad paths, data, options, resume, output dir
+        if args.debug:
+            raise
+        print(f"fastdpo: error: {error_line(error)}", file=sys.stderr, flush=True)
+        return 2
     finally:
         import torch.distributed as dist
 
