@@ -7,13 +7,14 @@ Under ``torchrun --nproc_per_node=N -m fastdpo train ...`` it trains with Distri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
-import shutil
 import sys
 import textwrap
 import time
 
+from fastdpo import run_dir  # issue 13 (trust): output-dir lock and ownership
 from fastdpo.trainer import DPOConfig
 
 # The built-in default: a tiny GPT-2 learning, from 32 pairs, to prefer absurd completions.
@@ -44,7 +45,10 @@ BUILTIN_DEFAULTS
 
 output (in --output-dir): metrics.jsonl (one line per step, TRL's metric names, plus the
 evaluations), training.png (loss, reward margin, accuracy over steps), checkpoint-<step>/ (model,
-tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer)."""
+tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer).
+A new run replaces only what earlier fastdpo runs wrote there; a directory holding anything else is
+refused (--overwrite-output-dir writes next to it, never deleting it), and so is a directory another
+run is writing into. --resume checks every file of the checkpoint first."""
 
 
 _BUILTIN = " ".join(f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in DEFAULT_RUN.items())
@@ -104,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", help="where metrics, plot and checkpoints go (default runs/default or runs/fastdpo)"
     )
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    t.add_argument(  # issue 13 (trust)
+        "--overwrite-output-dir",
+        action="store_true",
+        help="write into an --output-dir that holds files fastdpo did not write (they are kept)",
+    )
     t.add_argument("--reference", choices=["copy", "precompute", "none"], default="copy",
                    help="copy: a frozen copy of the model (default); precompute: reference log-probs computed "
                    "once before training, no reference model kept; none: reference-free")  # fmt: skip
@@ -276,23 +285,6 @@ ACCURACY_LEGEND = """  implicit reward: beta*(log pi - log ref) ranks chosen abo
   policy log-prob: the model itself gives the chosen completion the higher log-probability."""
 
 
-def _prepare_output_dir(output_dir: pathlib.Path, resume: bool) -> None:
-    """A new run starts from an empty metrics log and no checkpoints of an earlier run in the same dir."""
-    if resume or _rank() != 0 or not output_dir.exists():
-        return
-    stale = [
-        p
-        for p in output_dir.iterdir()
-        if p.name.startswith("checkpoint-") or p.name in ("metrics.jsonl", "final")
-    ]
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if stale:
-        say(
-            f"new run in {output_dir}: removed {len(stale)} file(s) of an earlier run (use --resume to continue it)"
-        )
-
-
 def train_command(args) -> int:
     import torch
 
@@ -323,7 +315,10 @@ def train_command(args) -> int:
         )
     config = config_from_args(args, base)
     output_dir = pathlib.Path(config.output_dir)
-    _prepare_output_dir(output_dir, args.resume)
+    # issue 13 (trust): lock --output-dir and refuse files fastdpo did not write before loading anything;
+    # released when the command ends (main's ExitStack), also on errors
+    claim = run_dir.RunDir(output_dir, config.metrics_file, config.overwrite_output_dir, enabled=_rank() == 0)
+    args.cleanup.enter_context(claim.writing())
     _barrier()
 
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
@@ -359,6 +354,8 @@ def train_command(args) -> int:
             from fastdpo.plot import plot_metrics
 
             title = f"{'fastdpo built-in default' if builtin else model_path}: {trainer.total_steps} steps"
+            # issue 13 (trust): the plot is marked as fastdpo's before it is written
+            run_dir.record_file(output_dir, run_dir.PLOT)
             written.insert(
                 1, plot_metrics(output_dir / config.metrics_file, output_dir / "training.png", title)
             )
@@ -417,7 +414,8 @@ def error_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return train_command(args) if args.command == "train" else eval_command(args)
+        with contextlib.ExitStack() as args.cleanup:  # what the command holds (the output-dir lock)
+            return train_command(args) if args.command == "train" else eval_command(args)
     except (ValueError, OSError) as error:  # issue 13 (trust): bad paths, data, options, resume, output dir
         if args.debug:
             raise

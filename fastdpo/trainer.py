@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import pathlib
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from fastdpo import checkpoint as ckpt
 from fastdpo.data import PreferenceData, collate, load_preference_data
 from fastdpo.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
+from fastdpo.run_dir import RunDir, writes_output_dir  # issue 13 (trust): output-dir ownership + lock
 
 STEP_METRICS = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -89,6 +89,7 @@ class DPOConfig:
     eval_steps: int = 0  # evaluate() every N steps during train() (0: never)
     save_steps: int = 0  # checkpoint every N steps (0: only at the end)
     save_total_limit: int | None = None
+    overwrite_output_dir: bool = False  # write next to files fastdpo did not write (it never deletes them)
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -248,6 +249,8 @@ class DPOTrainer:
         self.evaluations: list[dict] = []  # every evaluate() result, with its step
         self.saved_step: int | None = None
         self.output_dir = pathlib.Path(c.output_dir)
+        # issue 13 (trust): the output dir is locked and checked when written
+        self.run_dir = RunDir(self.output_dir, c.metrics_file, c.overwrite_output_dir, enabled=self.is_main)
 
     # ----------------------------------------------------------------------------- helpers
     def _default_device(self) -> str:
@@ -383,6 +386,7 @@ class DPOTrainer:
         return results
 
     # ----------------------------------------------------------------------------- training
+    @writes_output_dir  # issue 13 (trust): holds the output-dir lock for the whole run
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict]:
         """Run until ``total_steps``; returns the per-step metrics of this call.
 
@@ -390,9 +394,8 @@ class DPOTrainer:
         directory. The run then continues exactly where that checkpoint left off.
         """
         c = self.config
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.output_dir)
+        # issue 13 (trust): removes stale temporaries; a new run removes only what earlier fastdpo runs wrote
+        self.run_dir.start_run(resume=bool(resume_from_checkpoint))
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
         else:
@@ -473,13 +476,10 @@ class DPOTrainer:
         return metrics
 
     def _append_metrics(self, record: dict) -> None:
-        if not self.config.metrics_file:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / self.config.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)  # issue 13 (trust): locked, and the file is marked as fastdpo's
 
     # ----------------------------------------------------------------------------- saving
+    @writes_output_dir  # issue 13 (trust)
     def save(self, path: str | os.PathLike | None = None) -> pathlib.Path | None:
         """Write the model and tokenizer with ``save_pretrained`` (atomically); rank 0 only."""
         path = pathlib.Path(path or self.output_dir / "final")
@@ -492,6 +492,7 @@ class DPOTrainer:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
+    @writes_output_dir  # issue 13 (trust)
     def save_checkpoint(self) -> pathlib.Path:
         """``output_dir/checkpoint-<step>``: model, tokenizer and the whole trainer state, atomically."""
         path = self.output_dir / f"checkpoint-{self.step}"
