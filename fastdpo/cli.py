@@ -48,7 +48,8 @@ evaluations), training.png (loss, reward margin, accuracy over steps), checkpoin
 tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer).
 A new run replaces only what earlier fastdpo runs wrote there; a directory holding anything else is
 refused (--overwrite-output-dir writes next to it, never deleting it), and so is a directory another
-run is writing into. --resume checks every file of the checkpoint first."""
+run is writing into. --resume checks every file of the checkpoint first, and refuses options that
+would change the run so far (see the README's Training section)."""
 
 
 _BUILTIN = " ".join(f"--{FLAGS.get(k, k).replace('_', '-')} {v}" for k, v in DEFAULT_RUN.items())

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo import checkpoint as ckpt
+from fastdpo import run_config  # issue 13 (trust): what a resume must match
 from fastdpo.data import PreferenceData, collate, load_preference_data
 from fastdpo.lm import PolicyLoss, fused_linear_reason, make_loss, model_sequence_logps
 from fastdpo.run_dir import RunDir, writes_output_dir  # issue 13 (trust): output-dir ownership + lock
@@ -249,8 +250,9 @@ class DPOTrainer:
         self.evaluations: list[dict] = []  # every evaluate() result, with its step
         self.saved_step: int | None = None
         self.output_dir = pathlib.Path(c.output_dir)
-        # issue 13 (trust): the output dir is locked and checked when written
+        # issue 13 (trust): the output dir is locked and checked when written; the run's record for resumes
         self.run_dir = RunDir(self.output_dir, c.metrics_file, c.overwrite_output_dir, enabled=self.is_main)
+        self.run_record = run_config.describe(self, ref_model)
 
     # ----------------------------------------------------------------------------- helpers
     def _default_device(self) -> str:
@@ -507,6 +509,7 @@ class DPOTrainer:
                 "ref_logps": {name: s.ref_logps for name, s in self.splits.items()},
                 "evaluations": self.evaluations,
                 "config": asdict(self.config),
+                "run": self.run_record,  # issue 13 (trust): written to run_config.json, checked on resume
             }
 
             def write(directory: pathlib.Path) -> None:
@@ -521,8 +524,10 @@ class DPOTrainer:
 
     def load_checkpoint(self, path: bool | str | os.PathLike) -> None:
         """Restore model weights, optimizer, scheduler, step, RNG and reference log-probs."""
-        # issue 13 (trust): verified against its manifest (falling back past broken ones), and said
+        # issue 13 (trust): verified against its manifest (falling back past broken ones), said, and
+        # refused if this run's options would change the run it continues
         path, state = ckpt.open_checkpoint(self.output_dir if path is True else path, latest=path is True)
+        run_config.check_resume(path, state, self.run_record, self.total_steps)
         ckpt.load_model_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
