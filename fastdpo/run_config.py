@@ -72,8 +72,8 @@ def data_digest(data) -> str | None:
 
 @torch.no_grad()
 def model_fingerprint(model: torch.nn.Module | None) -> dict | None:
-    """Parameter count, dtypes and a sha256 of every tensor's name, shape and an evenly spaced
-    sample of its bytes: cheap on any model, the same wherever the same weights are loaded."""
+    """Element count of the state dict, dtypes, and a sha256 of every tensor's name, shape and an
+    evenly spaced sample of its bytes: cheap on any model, the same wherever the same weights load."""
     if model is None:
         return None
     digest, count, dtypes = hashlib.sha256(), 0, set()
@@ -84,7 +84,7 @@ def model_fingerprint(model: torch.nn.Module | None) -> dict | None:
         digest.update(sample.view(torch.uint8).numpy().tobytes())
         count += tensor.numel()
         dtypes.add(str(tensor.dtype).removeprefix("torch."))
-    return {"parameters": count, "dtypes": sorted(dtypes), "sample_sha256": digest.hexdigest()}
+    return {"state_dict_elements": count, "dtypes": sorted(dtypes), "sample_sha256": digest.hexdigest()}
 
 
 def describe(trainer, ref_model: torch.nn.Module | None) -> dict:

@@ -133,7 +133,11 @@ class RunDir:
     (the ranks other than 0, which write nothing)."""
 
     def __init__(
-        self, directory, metrics_file: str = "metrics.jsonl", overwrite: bool = False, enabled: bool = True
+        self,
+        directory: str | os.PathLike,
+        metrics_file: str = "metrics.jsonl",
+        overwrite: bool = False,
+        enabled: bool = True,
     ) -> None:
         self.directory = pathlib.Path(directory)
         self.metrics_file, self.overwrite, self.enabled = metrics_file, overwrite, enabled

@@ -38,7 +38,7 @@ def test_every_option_has_a_resume_rule():
 def test_the_checkpoint_holds_the_run_configuration(half_run):
     record = json.loads((half_run / "checkpoint-2" / "run_config.json").read_text())
     assert record["config"]["learning_rate"] == 1e-2 and record["config"]["seed"] == 42
-    assert len(record["train_data"]) == 64 and record["model"]["parameters"] > 0
+    assert len(record["train_data"]) == 64 and record["model"]["state_dict_elements"] > 0
 
 
 def test_options_that_change_the_run_are_refused_all_named(gpt2_dir, half_run):
@@ -72,7 +72,7 @@ def test_the_same_data_from_another_file_is_the_same_run(gpt2_dir, half_run, tmp
 
 def test_another_model_is_refused(half_run, tmp_path):
     other = save_tiny_lm(tmp_path / "other", "gpt2", seed=1)  # same architecture, other weights
-    with pytest.raises(ValueError, match="model {parameters="):
+    with pytest.raises(ValueError, match="model {state_dict_elements="):
         resume(other, half_run)
 
 
