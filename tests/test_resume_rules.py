@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from lm_helpers import PAIRS, assert_same_weights, save_tiny_lm, weights, write_jsonl
+from lm_helpers import PAIRS, assert_same_weights, load, save_tiny_lm, weights, write_jsonl
 from run_helpers import make_trainer
 
 from fastdpo import DPOConfig
@@ -117,3 +117,51 @@ def test_options_that_extend_or_observe_the_run_are_allowed(gpt2_dir, tmp_path):
     )
     another_way.train(resume_from_checkpoint=True)
     assert another_way.step == 4
+
+
+def test_the_loss_options_are_refused_too(gpt2_dir, half_run):
+    changes = dict(
+        f_divergence_type="js_divergence",
+        f_alpha_divergence_coef=0.3,
+        discopop_tau=0.1,
+        simpo_gamma=1.0,
+        average_log_prob=True,
+        loss_weights=[2.0],
+    )
+    with pytest.raises(ValueError, match="cannot resume from") as error:
+        resume(gpt2_dir, half_run, **changes)
+    for name in changes:
+        assert name in str(error.value), name
+
+
+def test_max_prompt_length_auto_is_compared_by_its_value(gpt2_dir, half_run, tmp_path):
+    out = shutil.copytree(half_run, tmp_path / "run")  # max_length 64, max_prompt_length 32
+    trainer = make_trainer(gpt2_dir, out, **{**RUN, "max_prompt_length": "auto"})  # resolves to 32
+    trainer.train(resume_from_checkpoint=out / "checkpoint-2")
+    assert trainer.step == 4
+    with pytest.raises(ValueError, match="max_prompt_length 32 -> 16"):
+        make_trainer(gpt2_dir, out, **{**RUN, "max_prompt_length": 16}).train(resume_from_checkpoint=True)
+
+
+def test_another_reference_model_is_refused(gpt2_dir, half_run, tmp_path):
+    other, _ = load(save_tiny_lm(tmp_path / "other", "gpt2", seed=1))
+    with pytest.raises(ValueError, match=r"ref_model null -> \{state_dict_elements="):
+        resume(gpt2_dir, half_run, ref_model=other)
+    with pytest.raises(ValueError, match=r"ref_model null -> \{state_dict_elements="):
+        resume(gpt2_dir, half_run, ref_model=other, precompute_ref_log_probs=True)  # held until precomputed
+
+
+def test_the_readme_says_which_options_are_refused_and_which_allowed():
+    import pathlib
+
+    from fastdpo.train.arguments import cli_fields, flags
+    from fastdpo.train.run_config import CHANGES, RESUME_RULES
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    paragraph = readme[readme.index("`--resume` continues the same run or refuses") :].split("\n\n")[0]
+    refused, allowed = paragraph.split("Allowed:")
+    assert "`fastdpo.train.run_config.RESUME_RULES`" in allowed
+    for field in cli_fields("train"):
+        names = [flag[2:] for flag in flags(field)]
+        where = refused if RESUME_RULES[field.name] == CHANGES else allowed
+        assert any(f"`--{n}`" in where or f"`--no-{n}`" in where for n in names), field.name
