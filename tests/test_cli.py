@@ -84,9 +84,9 @@ def test_train_a_saved_model_end_to_end(gpt2_dir, pairs_file, tmp_path, capsys):
     assert "implicit reward" in printed and str(heldout) in printed and "/2" in printed
 
 
-def test_model_without_data_is_an_error(gpt2_dir):
-    with pytest.raises(SystemExit, match="--data FILE.jsonl is required"):
-        main(["train", "--model", str(gpt2_dir)])
+def test_model_without_data_is_an_error(gpt2_dir, capsys):
+    assert main(["train", "--model", str(gpt2_dir)]) == 2
+    assert capsys.readouterr().err == "fastdpo: error: --data FILE.jsonl is required with --model\n"
 
 
 def test_resume_from_the_command_line(gpt2_dir, pairs_file, tmp_path, monkeypatch, capsys):
@@ -302,6 +302,7 @@ def test_train_help_lists_every_config_field_with_its_default(monkeypatch, capsy
 # A value other than the default for every option the command takes from DPOConfig.
 GIVEN = {
     "output_dir": (["--output-dir", "x"], "x"),
+    "overwrite_output_dir": (["--overwrite-output-dir"], True),
     "beta": (["--beta", "0.5"], 0.5),
     "loss_type": (["--loss-type", "sigmoid", "sft"], ["sigmoid", "sft"]),
     "loss_weights": (["--loss-weights", "0.5", "2"], [0.5, 2.0]),

@@ -312,7 +312,7 @@ def test_write_atomically_replaces_an_existing_directory(tmp_path):
     target = tmp_path / "final"
     ckpt.write_atomically(target, lambda d: (d / "a").write_text("1"))
     ckpt.write_atomically(target, lambda d: (d / "b").write_text("2"))
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in target.iterdir()) == ["b", "fastdpo_manifest.json"]  # b's digest in it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 

@@ -7,14 +7,16 @@ Under ``torchrun --nproc_per_node=N -m fastdpo train ...`` it trains with Distri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pathlib
-import shutil
 import sys
 import textwrap
 import time
 
 import torch
 
+from fastdpo.train import run_dir  # issue 13 (trust): output-dir lock and ownership
 from fastdpo.train.arguments import add_config_options, builtin_flags, config_from_args
 from fastdpo.train.data import load_preference_data, pad_token_id
 from fastdpo.train.default import DEFAULT_RUN, default_data, default_model
@@ -43,7 +45,11 @@ BUILTIN_DEFAULTS
 
 output (in --output-dir): metrics.jsonl (one line per step, TRL's metric names, plus the
 evaluations), training.png (loss, reward margin, accuracy over steps), checkpoint-<step>/ (model,
-tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer)."""
+tokenizer and trainer state, written atomically) and final/ (the trained model and tokenizer).
+A new run replaces only what earlier fastdpo runs wrote there; a directory holding anything else is
+refused (--overwrite-output-dir writes next to it, never deleting it), and so is a directory another
+run is writing into. --resume checks every file of the checkpoint first, and refuses options that
+would change the run so far (see the README's Training section)."""
 TRAIN_EXAMPLES = TRAIN_EXAMPLES.replace(
     "BUILTIN_DEFAULTS",
     textwrap.fill(
@@ -133,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--data", nargs="+", help="JSONL file(s) of pairs (default: the shipped pairs)")
     _add_loading_options(what)
     add_config_options(e, "eval", builtin=EVAL_BUILTIN)
+    for p in (t, e):  # issue 13 (trust): user errors are one line; --debug shows their traceback
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -165,8 +173,21 @@ def load_model(path: str, dtype: str, download: bool):
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     kwargs = dict(local_files_only=not download)
+    # issue 13 (trust): say what is wrong rather than from_pretrained's message about repository names
+    if not download and not os.path.exists(path) and not _in_hf_cache(path):
+        missing = "no such model directory, nor a model in the Hugging Face cache (--download fetches it)"
+        raise FileNotFoundError(f"{path}: {missing}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _in_hf_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository name either
+        return False
 
 
 def _fraction(r: dict | None, metric: str) -> str:
@@ -197,23 +218,6 @@ ACCURACY_LEGEND = """  implicit reward: beta*(log pi - log ref) ranks chosen abo
   policy log-prob: the model itself gives the chosen completion the higher log-probability."""
 
 
-def _prepare_output_dir(output_dir: pathlib.Path, resume: bool) -> None:
-    """A new run starts from an empty metrics log and no checkpoints of an earlier run in the same dir."""
-    if resume or _rank() != 0 or not output_dir.exists():
-        return
-    stale = [
-        p
-        for p in output_dir.iterdir()
-        if p.name.startswith("checkpoint-") or p.name in ("metrics.jsonl", "final")
-    ]
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if stale:
-        say(
-            f"new run in {output_dir}: removed {len(stale)} file(s) of an earlier run (use --resume to continue it)"
-        )
-
-
 def train_command(args) -> int:
     start = time.perf_counter()
     builtin = args.model is None
@@ -230,11 +234,13 @@ def train_command(args) -> int:
         base = dict(DEFAULT_RUN)
     else:
         if not args.data:
-            raise SystemExit("fastdpo train: --data FILE.jsonl is required with --model")
+            raise ValueError("--data FILE.jsonl is required with --model")
         model_path, data, eval_data, base = args.model, args.data, args.eval_data, {}
     config = config_from_args(args, base)
     output_dir = pathlib.Path(config.output_dir)
-    _prepare_output_dir(output_dir, args.resume)
+    # issue 13 (trust): lock --output-dir and refuse files fastdpo did not write before loading anything;
+    # released when the command ends (main's ExitStack), also on errors
+    args.cleanup.enter_context(run_dir.RunDir.for_config(config, enabled=_rank() == 0).writing())
     barrier()
 
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
@@ -276,6 +282,8 @@ def train_command(args) -> int:
         written = [output_dir / config.metrics_file, output_dir / f"checkpoint-{trainer.step}", final]
         if not args.no_plot:
             title = f"{'fastdpo built-in default' if builtin else model_path}: {trainer.total_steps} steps"
+            # issue 13 (trust): the plot is marked as fastdpo's before it is written
+            run_dir.record_file(output_dir, run_dir.PLOT)
             written.insert(
                 1, plot_metrics(output_dir / config.metrics_file, output_dir / "training.png", title)
             )
@@ -295,7 +303,7 @@ def eval_command(args) -> int:
     if model_path is None:
         model_path = pathlib.Path(DEFAULT_RUN["output_dir"]) / "final"
         if not (model_path / "config.json").is_file():
-            raise SystemExit(f"fastdpo eval: no trained model in {model_path}; run `fastdpo train` first")
+            raise ValueError(f"no trained model in {model_path}; run `fastdpo train` first")
         ref_path = ref_path or str(_default_model_path())
         base = dict(EVAL_BUILTIN)
     if data is None:
@@ -331,10 +339,25 @@ def eval_command(args) -> int:
     return 0
 
 
+def error_line(error: BaseException) -> str:
+    """One line for a user error: the message of an OSError with its file, whitespace folded."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return train_command(args) if args.command == "train" else eval_command(args)
+        with contextlib.ExitStack() as args.cleanup:  # what the command holds (the output-dir lock)
+            return train_command(args) if args.command == "train" else eval_command(args)
+    except (ValueError, OSError) as error:  # issue 13 (trust): bad paths, data, options, resume, output dir
+        if args.debug:
+            raise
+        print(f"fastdpo: error: {error_line(error)}", file=sys.stderr, flush=True)
+        return 2
     finally:
         close_distributed()
 

@@ -29,6 +29,12 @@ class DPOConfig:
     """Training options of :class:`fastdpo.DPOTrainer` (see each field's ``metadata["help"]``)."""
 
     output_dir: str = option("runs/fastdpo", "Where metrics, checkpoints and the final model go.", "output")
+    overwrite_output_dir: bool = option(
+        False,
+        "Write into an output_dir that holds files fastdpo did not write (they are kept, never deleted; "
+        "without this such a directory is refused).",
+        "output",
+    )
 
     # loss (see fastdpo.DPOLoss)
     beta: float = option(

@@ -9,8 +9,8 @@ A record is ``{"prompt", "chosen", "rejected"}`` with either
   messages: those become the prompt.
 
 Records come from a JSONL file, or any iterable of dicts (a ``datasets.Dataset`` works).
-A line that is not valid JSON is an error naming the file and line. A record with a missing or
-mistyped field, an empty completion, or a prompt that leaves no room for the completion within
+A line that is not UTF-8 or not valid JSON is an error naming the file and line. A record with a
+missing or mistyped field, an empty completion, or a prompt that leaves no room for the completion within
 ``max_length`` is skipped and counted (``PreferenceData.skipped``; the trainer prints the counts),
 or, with ``strict=True``, is an error naming where it came from.
 """
@@ -81,12 +81,19 @@ class PreferenceData:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterable[tuple[str, Any]]:
-    """Yield ``(location, record)`` for each non-blank line; invalid JSON raises naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """Yield ``(location, record)`` for each non-blank line; a line that is not UTF-8 or not JSON
+    raises naming file and line."""
+    with open(path, "rb") as f:  # issue 13 (trust): bytes, decoded per line, so an error can name the line
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:

@@ -9,7 +9,10 @@
 
 Each answers ``logps(batch, indices, table)``: the ``[2B]`` reference log-probs of a collated batch
 (chosen rows, then rejected), or None for a reference-free loss. ``table`` names the dataset the
-rows ``indices`` come from, for a precomputed table; it is None for data given later.
+rows ``indices`` come from, for a precomputed table; it is None for data given later. Each also
+owns its checkpoint entries (``state_dict`` / ``load_state_dict``) and says what a resume must find
+unchanged of it (``fingerprint``: the reference model given to the run, see
+:mod:`fastdpo.train.run_config`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 from fastdpo.train.data import PreferenceData
 from fastdpo.train.dist import Runtime
 from fastdpo.train.lm import fused_linear_reason, model_sequence_logps
+from fastdpo.train.run_config import model_fingerprint
 
 Batches = Callable[[PreferenceData], Iterator[tuple[list[int], dict[str, torch.Tensor]]]]
 
@@ -61,6 +65,12 @@ class Reference:
     def load_state_dict(self, state: dict, where: object = "the checkpoint") -> None:
         pass
 
+    def fingerprint(self) -> dict | None:
+        """What a resume must find unchanged of a reference model given to the run (its
+        :func:`~fastdpo.train.run_config.model_fingerprint`); None when there is none (a frozen copy
+        is the policy's starting point, which the run's record fingerprints already)."""
+        return None
+
 
 class NoReference(Reference):
     """Reference-free losses: there is no reference."""
@@ -93,6 +103,9 @@ class OtherModel(FrozenModel):
     def __init__(self, model: nn.Module, score: Scorer, fused_linear: bool | None = None) -> None:
         model = model.to(score.runtime.device)
         super().__init__(model, fused_linear is not False and fused_linear_reason(model) is None, score)
+
+    def fingerprint(self) -> dict | None:
+        return model_fingerprint(self.model)
 
 
 class Precomputed(Reference):
@@ -161,6 +174,9 @@ class Precomputed(Reference):
 
     def policy_updated(self) -> None:
         self.policy_is_reference = False
+
+    def fingerprint(self) -> dict | None:  # the model the tables come from, while it is held
+        return None if self.other is None else self.other.fingerprint()
 
     def state_dict(self) -> dict:
         return {"ref_logps": dict(self.tables)}

@@ -20,7 +20,6 @@ time, as in TRL with gradient accumulation.)
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import pathlib
@@ -34,12 +33,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo.train import checkpoint as ckpt
+from fastdpo.train import run_config  # issue 13 (trust): what a resume must match
 from fastdpo.train.config import DPOConfig
 from fastdpo.train.data import PreferenceData, collate, load_preference_data, pad_token_id
 from fastdpo.train.dist import Runtime
 from fastdpo.train.evaluate import batches, evaluate_pairs
 from fastdpo.train.lm import PolicyLoss
 from fastdpo.train.reference import FrozenCopy, NoReference, OtherModel, Precomputed, Reference, Scorer
+from fastdpo.train.run_dir import RunDir, writes_output_dir  # issue 13 (trust): output-dir ownership + lock
 
 STEP_METRICS = (
     "loss",
@@ -111,6 +112,9 @@ class DPOTrainer:
         self.step = 0
         self.evaluations: list[dict] = []  # every evaluate() result, with its step
         self.saved_step: int | None = None
+        # issue 13 (trust): the output dir is locked and checked when written; the run's record for resumes
+        self.run_dir = RunDir.for_config(self.config, enabled=self.is_main)
+        self.run_record = run_config.describe(self)
 
     # ----------------------------------------------------------------------------- set-up
     def _setup_data(self, train_data, eval_data) -> None:
@@ -260,6 +264,7 @@ class DPOTrainer:
         return results
 
     # ----------------------------------------------------------------------------- training
+    @writes_output_dir  # issue 13 (trust): holds the output-dir lock for the whole run
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> list[dict]:
         """Run until ``total_steps``; returns the per-step metrics of this call.
 
@@ -267,9 +272,8 @@ class DPOTrainer:
         directory. The run then continues exactly where that checkpoint left off.
         """
         c = self.config
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(self.output_dir)
+        # issue 13 (trust): removes stale temporaries; a new run removes only what earlier fastdpo runs wrote
+        self.run_dir.start_run(resume=bool(resume_from_checkpoint))
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
         else:
@@ -356,13 +360,10 @@ class DPOTrainer:
         return metrics
 
     def _append_metrics(self, record: dict) -> None:
-        if not self.config.metrics_file:
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / self.config.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)  # issue 13 (trust): locked, and the file is marked as fastdpo's
 
     # ----------------------------------------------------------------------------- saving
+    @writes_output_dir  # issue 13 (trust)
     def save(self, path: str | os.PathLike | None = None) -> pathlib.Path | None:
         """Write the model and tokenizer with ``save_pretrained`` (atomically); rank 0 only."""
         path = pathlib.Path(path or self.output_dir / "final")
@@ -375,6 +376,7 @@ class DPOTrainer:
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
+    @writes_output_dir  # issue 13 (trust)
     def save_checkpoint(self) -> pathlib.Path:
         """``output_dir/checkpoint-<step>``: model, tokenizer and the whole trainer state, atomically."""
         path = self.output_dir / f"checkpoint-{self.step}"
@@ -389,6 +391,7 @@ class DPOTrainer:
                 **self.reference.state_dict(),  # its checkpoint entries ("ref_logps")
                 "evaluations": self.evaluations,
                 "config": asdict(self.config),
+                "run": self.run_record,  # issue 13 (trust): written to run_config.json, checked on resume
             }
 
             def write(directory: pathlib.Path) -> None:
@@ -403,11 +406,10 @@ class DPOTrainer:
 
     def load_checkpoint(self, path: bool | str | os.PathLike) -> None:
         """Restore model weights, optimizer, scheduler, step, RNG and reference log-probs."""
-        if path is True:
-            path = ckpt.last_checkpoint(self.output_dir)
-            if path is None:
-                raise ValueError(f"no checkpoint to resume from in {self.output_dir}")
-        state = ckpt.load_state(path)
+        # issue 13 (trust): verified against its manifest (falling back past broken ones), said, and
+        # refused if this run's options would change the run it continues
+        path, state = ckpt.open_checkpoint(self.output_dir if path is True else path, latest=path is True)
+        run_config.check_resume(path, state, self.run_record, self.total_steps)
         ckpt.load_model_weights(self.model, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -417,12 +419,6 @@ class DPOTrainer:
         if self.step > 0:
             self.reference.policy_updated()
         ckpt.set_rng_state(state["rng"])
-        if self.is_main:  # drop metric lines written after this checkpoint by the interrupted run
-            metrics = self.output_dir / self.config.metrics_file
-            if metrics.is_file():
-                lines = [
-                    ln
-                    for ln in metrics.read_text().splitlines()
-                    if json.loads(ln).get("step", 0) <= self.step
-                ]
-                metrics.write_text("".join(ln + "\n" for ln in lines))
+        # Drop metric lines written after this checkpoint by the interrupted run (issue 13: and a torn one).
+        if self.is_main and self.config.metrics_file:
+            ckpt.truncate_metrics(self.output_dir / self.config.metrics_file, self.step)
