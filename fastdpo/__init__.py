@@ -9,10 +9,10 @@ imported on first use, so ``import fastdpo`` does not load the trainer or what i
 """
 
 from fastdpo.backends import available_backends
+from fastdpo.functional import LOSS_TYPES, preference_loss
 from fastdpo.linear import fused_linear_logps, linear_sequence_logps, linear_token_logps
 from fastdpo.logps import fused_logps, sequence_logps, token_logps
 from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
-from fastdpo.functional import LOSS_TYPES, preference_loss
 
 __version__ = "0.1.0"
 
