@@ -32,7 +32,8 @@ def ground_truth(hidden, weight, bias, labels, w_tok, w_seq, *, ignore_index=-10
     if shift:
         logits = logits[:, :-1]
     mask = target != ignore_index
-    tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    tok = torch.where(mask, tok, 0.0)  # selected away, not times 0: a masked logit is -inf
     ((tok * w_tok.double()).sum() + (tok.sum(-1) * w_seq.double()).sum()).backward()
     return tok, [z.grad if z is not None else None for z in x]
 
@@ -66,6 +67,9 @@ def _check(backend, hidden, weight, bias, labels, *, shift=True, ignore_index=-1
         hidden, weight, bias, labels, w_tok, w_seq, shift=shift, ignore_index=ignore_index
     )
     assert out.token_logps.dtype == torch.float32
+    # assert_close_verbose compares err.max() > atol, which a NaN never is: rule NaN out first.
+    assert torch.isfinite(out.token_logps).all() and torch.isfinite(out.sequence_logps).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
     assert_close_verbose(
         out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * exact.shape[1], what="sequence_logps"
@@ -223,6 +227,51 @@ def test_tile_kernels_agree_across_backends():
         y = tile.clone()
         kernels.softmax_grad_tile(y, labels, lse, g)
         torch.testing.assert_close(y, want_grad, atol=1e-5, rtol=1e-5)
+
+
+# Bias -inf over whole vocabulary tiles (a masked vocabulary): each tile fold's running max stays
+# -inf until the first allowed tile. With tiles of 8, V=37 is [0, 8) [8, 16) [16, 24) [24, 32) [32, 37).
+BIAS_MASKS = {
+    "leading": slice(0, 12),
+    "trailing": slice(20, 37),
+    "interior": slice(8, 24),
+    "all-but-one": [i for i in range(37) if i != 29],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", BIAS_MASKS)
+def test_masked_vocabulary_bias(backend, dtype, mask):
+    hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
+    allowed = torch.ones(37, dtype=torch.bool)
+    allowed[BIAS_MASKS[mask]] = False
+    bias[~allowed] = -torch.inf
+    choices = allowed.nonzero().squeeze(1)
+    counted = labels != -100
+    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(2))
+    labels[counted] = choices[pick]  # every label scores an allowed entry: a finite answer
+    _check(backend, hidden, weight, bias, labels, tiles=(5, 8))  # finite, and right
+
+
+def test_tile_folds_of_masked_rows():
+    """A row whose running max is -inf meets a tile that is all -inf (a masked vocabulary block):
+    its statistics stay (-inf, 0), the tile becomes zeros, nothing is NaN; the next, finite tile
+    folds in as if it were the first."""
+    gen = torch.Generator().manual_seed(0)
+    masked = torch.full((3, 16), -torch.inf)
+    finite = torch.randn(3, 16, generator=gen) * 4
+    start_max, start_sum = torch.full((3,), -torch.inf), torch.zeros(3)
+    want_max, want_sum, _, _ = get_backend("torch").lse_fold(finite.clone(), start_max, start_sum)
+    for name in BACKENDS:
+        kernels = get_backend(name)
+        tile = masked.clone()
+        run_max, run_sum, rescale, logit_sum = kernels.lse_fold(tile, start_max, start_sum)
+        assert (run_max == -torch.inf).all() and (run_sum == 0).all() and (rescale == 0).all(), name
+        assert (tile == 0).all() and (logit_sum == -torch.inf).all(), name
+        run_max, run_sum, _, _ = kernels.lse_fold(finite.clone(), run_max, run_sum)
+        torch.testing.assert_close(run_max, want_max, atol=0, rtol=0)
+        torch.testing.assert_close(run_sum, want_sum, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

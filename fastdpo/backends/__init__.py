@@ -25,7 +25,9 @@ states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
     Folds the tile into each row's online log-sum-exp (all ``[rows]`` float32):
     ``new_max = max(running_max, max(tile))``, ``rescale = exp(running_max - new_max)`` (0 while
     ``running_max`` is ``-inf``), ``new_sum = running_sum * rescale + sum(exp(tile - new_max))``,
-    and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``.
+    and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``. A row
+    that is all ``-inf`` so far (a masked vocabulary) keeps ``new_max = -inf``, ``new_sum = 0``
+    and its tile row becomes zeros: the fold subtracts 0 there, never ``-inf - -inf``.
 
 ``softmax_grad_tile(tile, labels_local, lse, grad_rows) -> None``
     Overwrites ``tile`` with ``grad_rows * (onehot(labels_local) - exp(tile - lse))``; a label
