@@ -248,3 +248,66 @@ def test_masked_vocabulary(backend, dtype, mask):
     torch.testing.assert_close(out.logit_sums.double(), logit_sums, atol=1e-2, rtol=1e-5)  # -inf where masked
     rtol, atol = GRAD_TOL[dtype]
     assert_close_verbose(x.grad, grad, atol=atol, rtol=rtol, what="grad")
+
+
+# In-place backward: the gradient overwrites the logits, so autograd must know (version counter)
+# and the logits must not alias themselves.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_twice_is_autograds_error(backend):
+    logits, labels = make_inputs(2, 5, 11)
+    x = logits.clone().requires_grad_(True) * 1.0  # not a leaf: its storage may be overwritten
+    loss = fused_logps(x, labels, backend=backend, inplace_backward=True).sequence_logps.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the saved logits now hold the gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_under_an_op_that_saved_the_logits_is_autograds_error(backend):
+    logits, labels = make_inputs(2, 5, 11)
+    x = logits.clone().requires_grad_(True) * 1.0
+    squares = (x**2).sum()  # recorded first, so its backward runs after the in-place one
+    loss = fused_logps(x, labels, backend=backend, inplace_backward=True).sequence_logps.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + squares).backward()
+
+
+# Layouts whose elements share memory: an expand()ed batch, rows that overlap.
+OVERLAPPING = {
+    "expanded": ((1, 5, 11), lambda leaf: leaf.expand(3, 5, 11)),
+    "overlapping rows": ((100,), lambda leaf: leaf.as_strided((2, 5, 11), (20, 3, 1))),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", OVERLAPPING)
+def test_inplace_backward_refuses_logits_that_overlap_themselves(backend, layout):
+    shape, make_view = OVERLAPPING[layout]
+    data = torch.randn(shape)
+    leaf = data.clone().requires_grad_(True)
+    logits = make_view(leaf)
+    labels = make_inputs(logits.shape[0], 5, 11)[1]
+    with pytest.raises(ValueError, match=r"inplace_backward=True .*logits.* overlap"):
+        fused_logps(logits, labels, backend=backend, inplace_backward=True)
+    # Out of place the same logits are fine: autograd sums the gradient over aliased elements.
+    fused_logps(logits, labels, backend=backend).sequence_logps.sum().backward()
+    ref = data.clone().requires_grad_(True)
+    naive_sequence_logps(make_view(ref), labels).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_on_a_strided_view_writes_only_the_view(backend):
+    base = torch.randn(3, 10, 40)
+    labels = make_inputs(3, 5, 33, seed=3)[1]
+    before = base.clone()
+    x = base.clone().requires_grad_(True) * 1.0
+    view = x[:, ::2, :33]  # strided, not overlapping: allowed in place
+    fused_logps(view, labels, backend=backend, inplace_backward=True).sequence_logps.sum().backward()
+    expected = ground_truth_grad(before[:, ::2, :33], labels, torch.ones(3, 4))
+    assert_close_verbose(x.detach()[:, ::2, :33], expected, atol=1e-6, rtol=1e-5, what="grad in place")
+    untouched = torch.ones(base.shape, dtype=torch.bool)
+    untouched[:, ::2, :33] = False
+    assert torch.equal(x.detach()[untouched], before[untouched])
