@@ -17,6 +17,15 @@ from fastdpo.backends.common import logits_grad, scored_labels
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_holds_data(name: str, x: torch.Tensor) -> None:
+    """Meta tensors carry a shape and no values: nothing here can be computed from them."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without data); fastdpo computes values, so pass a "
+            f"tensor on a real device (under torch.compile the fake tensors are handled for you)"
+        )
+
+
 def may_overlap(x: torch.Tensor) -> bool:
     """True when two indices of ``x`` may address one memory location (an ``expand()``ed or
     ``as_strided`` view). Exact for dense and sliced layouts; a rare interleaved layout that does
@@ -65,6 +74,7 @@ def check_inputs(
     """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
+    check_holds_data("logits", logits)
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 3:

@@ -345,6 +345,10 @@ def test_fused_linear_reference_options():
         (lambda a: a.update(labels=a["labels"][:, :-1]), ValueError, "does not match hidden"),
         (lambda a: a["labels"].__setitem__((0, 3), 41), ValueError, r"label 41 is outside \[0, 41\)"),
         (lambda a: a.update(backend="cuda-magic"), ValueError, "unknown backend"),
+        (lambda a: a.update(hidden=a["hidden"].to("meta")), ValueError, "hidden is a meta tensor"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight is a meta tensor"),
+        (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias is a meta tensor"),
+        (lambda a: a.update(labels=a["labels"].to("meta")), ValueError, "labels are on meta but hidden"),
     ],
 )
 def test_bad_input_is_a_clear_error(mutate, error, match):

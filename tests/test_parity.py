@@ -311,3 +311,11 @@ def test_inplace_backward_on_a_strided_view_writes_only_the_view(backend):
     untouched = torch.ones(base.shape, dtype=torch.bool)
     untouched[:, ::2, :33] = False
     assert torch.equal(x.detach()[untouched], before[untouched])
+
+
+def test_meta_and_misplaced_tensors_are_errors_that_name_the_argument():
+    labels = make_inputs(2, 5, 11)[1]
+    with pytest.raises(ValueError, match="logits is a meta tensor"):
+        fused_logps(torch.empty(2, 5, 11, device="meta"), labels.to("meta"))
+    with pytest.raises(ValueError, match="labels are on meta but logits are on cpu"):
+        fused_logps(torch.randn(2, 5, 11), labels.to("meta"))
