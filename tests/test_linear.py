@@ -2,12 +2,19 @@
 against the logits path applied to ``hidden @ weight.T + bias``: forward and the gradients of
 hidden, weight and bias, every backend's tile kernels, float32/bfloat16/float16, odd sizes."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import BACKENDS, DTYPES, GRAD_TOL, LOGP_ATOL, assert_close_verbose
 
 from fastdpo import DPOLoss, FusedLinearDPOLoss, fused_linear_logps, fused_logps, linear_sequence_logps
 from fastdpo.backends import get_backend
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (N, T, H, V, row_tile, vocab_tile): several row and vocabulary tiles with ragged last ones,
 # a single tile, T of 2, a vocabulary smaller than one tile, a batch of one pair.
@@ -189,21 +196,52 @@ def test_second_backward_is_a_clear_error():
         seq.sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_one_and_two_threads_agree(backend):
-    hidden, weight, bias, labels = make_linear(4, 33, 24, 301)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(_run(backend, hidden, weight, bias, labels, tiles=(16, 64))[:2])
-    finally:
-        torch.set_num_threads(before)
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(a.token_logps, b.token_logps, atol=1e-6, rtol=1e-6)
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+# Runs each case with 1 and then 2 threads, once with torch's matmuls and once with a fixed-order
+# one in their place, and saves every output and gradient.
+_THREADS_SCRIPT = """
+import sys, torch
+from test_linear import _run, make_linear
+from fastdpo.backends import linear_tiles
+
+def fixed_order_matmul(a, b):  # element-wise, k by k: the same sums at any thread count
+    out = torch.zeros(a.shape[0], b.shape[1])
+    for k in range(a.shape[1]):
+        out += a[:, k, None].float() * b[None, k].float()
+    return out
+
+real = (linear_tiles._matmul_f32, linear_tiles._accumulate)
+fixed = (fixed_order_matmul, lambda acc, a, b: acc.add_(fixed_order_matmul(a, b)))
+results = {}
+for matmul, (project, accumulate) in (("torch", real), ("fixed", fixed)):
+    linear_tiles._matmul_f32, linear_tiles._accumulate = project, accumulate
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for backend in ("torch", "native"):
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape, tiles in (((4, 33, 24, 301), (16, 64)), ((2, 7, 24, 2053), (5, 512))):
+                    out, grads, _, _ = _run(backend, *make_linear(*shape, dtype), tiles=tiles)
+                    key = (matmul, backend, str(dtype), shape)
+                    results.setdefault(key, []).append([out.token_logps, out.sequence_logps, out.logit_sums, *grads])
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_one_and_two_threads(tmp_path):
+    """Where the fused linear path depends on the thread count: only in torch's matmuls (MKL
+    sums the rows of a product in thread-dependent blocks for some row counts, e.g. a last row
+    tile of 5 rows). With a fixed-order matmul in their place every output and gradient is
+    bitwise equal for 1 and 2 threads; with torch's own they agree to float32 rounding."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(tmp_path / "out.pt")], env=env, check=True, timeout=300
+    )
+    for (matmul, *case), (one, two) in torch.load(tmp_path / "out.pt").items():
+        for name, a, b in zip(("token", "sequence", "logit_sums", "hidden", "weight", "bias"), one, two):
+            if matmul == "fixed":
+                assert torch.equal(a, b), (case, name)
+            else:
+                rtol = 1e-5 if name in ("hidden", "weight", "bias") else 1e-6
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=rtol)
 
 
 def test_tile_kernels_agree_across_backends():
