@@ -18,8 +18,9 @@ Every backend provides the same two kernels (plain functions, no autograd):
     (including logits rows the shift leaves unused), in ``logits.dtype``. With ``inplace=True``
     the backend may write the gradient into ``logits``' own storage and return that tensor.
 
-Two tile kernels serve the fused linear path (fastdpo/backends/linear_tiles.py), which projects hidden
-states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
+Two tile kernels serve the fused linear path, whose tiled loops (``linear_tiles.py``, kernel
+level but not a backend: it runs on any backend's tile kernels) project hidden states onto the
+LM head one float32 tile ``[rows, vocabulary block]`` at a time:
 
 ``lse_fold(tile, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)``
     Folds the tile into each row's online log-sum-exp (all ``[rows]`` float32):
