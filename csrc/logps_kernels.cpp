@@ -34,6 +34,7 @@
 
 namespace {
 
+using fastdpo::exp_offset;
 using fastdpo::load_block;
 using fastdpo::vexp;
 
@@ -108,10 +109,11 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
         const acc_t block_max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, len);
         logit_sum += at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, x, len);
         const acc_t new_max = std::max(run_max, block_max);
-        const Vec vmax(new_max);
+        const acc_t offset = exp_offset(new_max);  // 0 while every logit so far is -inf
+        const Vec voffset(offset);
         const acc_t block_sum = at::vec::map_reduce_all<acc_t>(
-            [&](Vec v) { return vexp(v - vmax); }, [](Vec a, Vec b) { return a + b; }, x, len);
-        run_sum = run_sum * std::exp(run_max - new_max) + block_sum;
+            [&](Vec v) { return vexp(v - voffset); }, [](Vec a, Vec b) { return a + b; }, x, len);
+        run_sum = run_sum * std::exp(run_max - offset) + block_sum;
         run_max = new_max;
       }
       const acc_t row_lse = run_max + std::log(run_sum);

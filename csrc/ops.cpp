@@ -12,7 +12,11 @@
 
 #include <Python.h>
 
+#include <ATen/ATen.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
+
+#include <vector>
 
 TORCH_LIBRARY(fastdpo, m) {
   m.def("logps_forward(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -20,6 +24,37 @@ TORCH_LIBRARY(fastdpo, m) {
   m.def("logps_backward_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> ()");
   m.def("lse_fold_(Tensor(a!) tile, Tensor running_max, Tensor running_sum) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_grad_tile_(Tensor(a!) tile, Tensor labels_local, Tensor lse, Tensor grad_rows) -> ()");
+}
+
+namespace {
+
+// ADInplaceOrView kernel of the ops that write into an argument: bump the version counter of
+// every argument the schema marks as written (Tensor(a!)), as PyTorch's own in-place ops do, so
+// autograd notices when a tensor it saved has been overwritten. A second backward through
+// in-place logits, or an earlier op that saved the logits, then raises instead of silently
+// reading gradients as logits. (torch's autogradNotImplementedInplaceOrViewFallback only bumps
+// mutable *outputs*; these ops return nothing or fresh tensors.)
+void bump_written_arguments(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t num_arguments = schema.arguments().size();
+  const size_t first = stack->size() - num_arguments;
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < num_arguments; ++i) {
+    if (schema.is_mutable({c10::SchemaArgType::input, i})) written.push_back((*stack)[first + i].toTensor());
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdpo, ADInplaceOrView, m) {
+  for (const char* name : {"logps_backward_", "lse_fold_", "softmax_grad_tile_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_arguments>());
+  }
 }
 
 // `import fastdpo._C` loads this library (and so registers the ops); the module itself is empty.

@@ -27,13 +27,13 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 #include "checks.h"
 #include "vec_math.h"
 
 namespace {
 
+using fastdpo::exp_offset;
 using fastdpo::vexp;
 
 constexpr int64_t kGrain = 8;  // rows per parallel task
@@ -74,11 +74,13 @@ void fold_rows(at::Tensor& tile, const at::Tensor& running_max, const at::Tensor
           at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, cols);
       out_logits[r] = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, x, cols);
       const acc_t m = std::max(old_max[r], tile_max);
-      // A row whose running max is still -inf has an empty running sum: nothing to rescale.
-      const acc_t scale = old_max[r] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : std::exp(old_max[r] - m);
+      // 0 while the row is all -inf (its running max is then -inf and its running sum empty):
+      // the scale is exp(-inf) = 0 and the tile becomes exp(-inf) = 0, never exp(-inf - -inf).
+      const acc_t offset = exp_offset(m);
+      const acc_t scale = std::exp(old_max[r] - offset);
       // Sweep 2 (the row is now in L1): exponentiate in place and sum.
-      const Vec vm(m);
-      at::vec::map([&](Vec v) { return vexp(v - vm); }, x, x, cols);
+      const Vec voffset(offset);
+      at::vec::map([&](Vec v) { return vexp(v - voffset); }, x, x, cols);
       const acc_t exp_sum = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, x, cols);
       out_max[r] = m;
       out_sum[r] = old_sum[r] * scale + exp_sum;

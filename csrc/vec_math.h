@@ -1,5 +1,5 @@
-// Vector math shared by the kernels of csrc/: exp on SIMD vectors and loading a block of a row
-// in the math type.
+// Vector math shared by the kernels of csrc/: exp on SIMD vectors, loading a block of a row in
+// the math type, and the guard of the online log-sum-exp.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace fastdpo {
@@ -26,6 +27,14 @@ inline const acc_t* load_block(const scalar_t* src, acc_t* buf, int64_t n) {
     at::vec::convert(src, buf, n);
     return buf;
   }
+}
+
+// What the online log-sum-exp subtracts before exponentiating: the running max, or 0 while the
+// row is all -inf so far (a masked vocabulary block). Subtracting -inf itself would give
+// exp(-inf - -inf) = NaN; subtracting 0 gives exp(-inf) = 0 for every term so far, the right sum.
+template <typename acc_t>
+inline acc_t exp_offset(acc_t running_max) {
+  return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
 }
 
 }  // namespace fastdpo

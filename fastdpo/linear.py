@@ -15,7 +15,7 @@ import torch
 from fastdpo.backends import Backend, resolve_backend
 from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
 from fastdpo.backends.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
-from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_labels
+from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: bool) -> None:
@@ -24,6 +24,7 @@ def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: 
     for name, x in named.items():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        check_holds_data(name, x)  # before the device comparison, so the culprit is named
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
         if x.device != hidden.device:

@@ -17,6 +17,27 @@ from fastdpo.backends.common import logits_grad, scored_labels
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_holds_data(name: str, x: torch.Tensor) -> None:
+    """Meta tensors carry a shape and no values: nothing here can be computed from them."""
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without data); fastdpo computes values, so pass a "
+            f"tensor on a real device (under torch.compile the fake tensors are handled for you)"
+        )
+
+
+def may_overlap(x: torch.Tensor) -> bool:
+    """True when two indices of ``x`` may address one memory location (an ``expand()``ed or
+    ``as_strided`` view). Exact for dense and sliced layouts; a rare interleaved layout that does
+    not overlap can be reported as overlapping."""
+    reach = 0  # the largest offset the smaller strides can reach
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def check_labels(
     labels: torch.Tensor,
     rows: tuple[int, ...],
@@ -47,10 +68,13 @@ def check_labels(
         raise ValueError(f"label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
-def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool) -> None:
+def check_inputs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, inplace_backward: bool = False
+) -> None:
     """Raise a clear TypeError/ValueError for inputs the kernels cannot take."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError("logits must be a torch.Tensor")
+    check_holds_data("logits", logits)
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 3:
@@ -59,6 +83,14 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, 
         raise ValueError(f"logits must have a non-empty vocabulary, got {tuple(logits.shape)}")
     if logits.stride(-1) != 1:
         raise ValueError("logits must have a contiguous last (vocabulary) dimension")
+    if inplace_backward and may_overlap(logits):
+        # Each element would receive the gradient of every index that aliases it, written over
+        # the logits the other indices still have to read.
+        raise ValueError(
+            f"inplace_backward=True writes the gradient into logits, but their elements overlap in "
+            f"memory (shape {tuple(logits.shape)}, strides {logits.stride()}, e.g. from expand()); "
+            f"pass logits.contiguous() or use inplace_backward=False"
+        )
     check_labels(labels, logits.shape[:2], logits.shape[-1], ignore_index, shift, logits.device)
 
 
@@ -117,8 +149,15 @@ def fused_logps(
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> FusedLogps:
-    """Everything the DPO losses need from the logits, in one pass (see :class:`FusedLogps`)."""
-    check_inputs(logits, labels, ignore_index, shift)
+    """Everything the DPO losses need from the logits, in one pass (see :class:`FusedLogps`).
+
+    ``inplace_backward=True`` writes the gradient of the logits into their own storage (no
+    second ``[N, T, V]`` buffer). The logits must then not alias themselves (an ``expand()``ed
+    tensor is refused) and must not be needed afterwards: the write bumps their version
+    counter, so autograd raises if anything saved them (a second backward with
+    ``retain_graph=True``, an earlier op that saved the logits) rather than reading gradients.
+    """
+    check_inputs(logits, labels, ignore_index, shift, inplace_backward)
     labels = labels.long()
     chosen = resolve_backend(backend, logits.device)
     settings = _Settings(chosen, int(ignore_index), bool(shift), bool(inplace_backward))

@@ -2,12 +2,19 @@
 against the logits path applied to ``hidden @ weight.T + bias``: forward and the gradients of
 hidden, weight and bias, every backend's tile kernels, float32/bfloat16/float16, odd sizes."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import BACKENDS, DTYPES, GRAD_TOL, LOGP_ATOL, assert_close_verbose
 
 from fastdpo import DPOLoss, FusedLinearDPOLoss, fused_linear_logps, fused_logps, linear_sequence_logps
 from fastdpo.backends import get_backend
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (N, T, H, V, row_tile, vocab_tile): several row and vocabulary tiles with ragged last ones,
 # a single tile, T of 2, a vocabulary smaller than one tile, a batch of one pair.
@@ -32,7 +39,8 @@ def ground_truth(hidden, weight, bias, labels, w_tok, w_seq, *, ignore_index=-10
     if shift:
         logits = logits[:, :-1]
     mask = target != ignore_index
-    tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    tok = torch.where(mask, tok, 0.0)  # selected away, not times 0: a masked logit is -inf
     ((tok * w_tok.double()).sum() + (tok.sum(-1) * w_seq.double()).sum()).backward()
     return tok, [z.grad if z is not None else None for z in x]
 
@@ -66,6 +74,9 @@ def _check(backend, hidden, weight, bias, labels, *, shift=True, ignore_index=-1
         hidden, weight, bias, labels, w_tok, w_seq, shift=shift, ignore_index=ignore_index
     )
     assert out.token_logps.dtype == torch.float32
+    # assert_close_verbose compares err.max() > atol, which a NaN never is: rule NaN out first.
+    assert torch.isfinite(out.token_logps).all() and torch.isfinite(out.sequence_logps).all()
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
     assert_close_verbose(
         out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * exact.shape[1], what="sequence_logps"
@@ -185,21 +196,52 @@ def test_second_backward_is_a_clear_error():
         seq.sum().backward()
 
 
-@pytest.mark.parametrize("backend", ["torch", "native"])
-def test_one_and_two_threads_agree(backend):
-    hidden, weight, bias, labels = make_linear(4, 33, 24, 301)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(_run(backend, hidden, weight, bias, labels, tiles=(16, 64))[:2])
-    finally:
-        torch.set_num_threads(before)
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(a.token_logps, b.token_logps, atol=1e-6, rtol=1e-6)
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+# Runs each case with 1 and then 2 threads, once with torch's matmuls and once with a fixed-order
+# one in their place, and saves every output and gradient.
+_THREADS_SCRIPT = """
+import sys, torch
+from test_linear import _run, make_linear
+from fastdpo.backends import linear_tiles
+
+def fixed_order_matmul(a, b):  # element-wise, k by k: the same sums at any thread count
+    out = torch.zeros(a.shape[0], b.shape[1])
+    for k in range(a.shape[1]):
+        out += a[:, k, None].float() * b[None, k].float()
+    return out
+
+real = (linear_tiles._matmul_f32, linear_tiles._accumulate)
+fixed = (fixed_order_matmul, lambda acc, a, b: acc.add_(fixed_order_matmul(a, b)))
+results = {}
+for matmul, (project, accumulate) in (("torch", real), ("fixed", fixed)):
+    linear_tiles._matmul_f32, linear_tiles._accumulate = project, accumulate
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for backend in ("torch", "native"):
+            for dtype in (torch.float32, torch.bfloat16):
+                for shape, tiles in (((4, 33, 24, 301), (16, 64)), ((2, 7, 24, 2053), (5, 512))):
+                    out, grads, _, _ = _run(backend, *make_linear(*shape, dtype), tiles=tiles)
+                    key = (matmul, backend, str(dtype), shape)
+                    results.setdefault(key, []).append([out.token_logps, out.sequence_logps, out.logit_sums, *grads])
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_one_and_two_threads(tmp_path):
+    """Where the fused linear path depends on the thread count: only in torch's matmuls (MKL
+    sums the rows of a product in thread-dependent blocks for some row counts, e.g. a last row
+    tile of 5 rows). With a fixed-order matmul in their place every output and gradient is
+    bitwise equal for 1 and 2 threads; with torch's own they agree to float32 rounding."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(tmp_path / "out.pt")], env=env, check=True, timeout=300
+    )
+    for (matmul, *case), (one, two) in torch.load(tmp_path / "out.pt").items():
+        for name, a, b in zip(("token", "sequence", "logit_sums", "hidden", "weight", "bias"), one, two):
+            if matmul == "fixed":
+                assert torch.equal(a, b), (case, name)
+            else:
+                rtol = 1e-5 if name in ("hidden", "weight", "bias") else 1e-6
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=rtol)
 
 
 def test_tile_kernels_agree_across_backends():
@@ -223,6 +265,51 @@ def test_tile_kernels_agree_across_backends():
         y = tile.clone()
         kernels.softmax_grad_tile(y, labels, lse, g)
         torch.testing.assert_close(y, want_grad, atol=1e-5, rtol=1e-5)
+
+
+# Bias -inf over whole vocabulary tiles (a masked vocabulary): each tile fold's running max stays
+# -inf until the first allowed tile. With tiles of 8, V=37 is [0, 8) [8, 16) [16, 24) [24, 32) [32, 37).
+BIAS_MASKS = {
+    "leading": slice(0, 12),
+    "trailing": slice(20, 37),
+    "interior": slice(8, 24),
+    "all-but-one": [i for i in range(37) if i != 29],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", BIAS_MASKS)
+def test_masked_vocabulary_bias(backend, dtype, mask):
+    hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
+    allowed = torch.ones(37, dtype=torch.bool)
+    allowed[BIAS_MASKS[mask]] = False
+    bias[~allowed] = -torch.inf
+    choices = allowed.nonzero().squeeze(1)
+    counted = labels != -100
+    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(2))
+    labels[counted] = choices[pick]  # every label scores an allowed entry: a finite answer
+    _check(backend, hidden, weight, bias, labels, tiles=(5, 8))  # finite, and right
+
+
+def test_tile_folds_of_masked_rows():
+    """A row whose running max is -inf meets a tile that is all -inf (a masked vocabulary block):
+    its statistics stay (-inf, 0), the tile becomes zeros, nothing is NaN; the next, finite tile
+    folds in as if it were the first."""
+    gen = torch.Generator().manual_seed(0)
+    masked = torch.full((3, 16), -torch.inf)
+    finite = torch.randn(3, 16, generator=gen) * 4
+    start_max, start_sum = torch.full((3,), -torch.inf), torch.zeros(3)
+    want_max, want_sum, _, _ = get_backend("torch").lse_fold(finite.clone(), start_max, start_sum)
+    for name in BACKENDS:
+        kernels = get_backend(name)
+        tile = masked.clone()
+        run_max, run_sum, rescale, logit_sum = kernels.lse_fold(tile, start_max, start_sum)
+        assert (run_max == -torch.inf).all() and (run_sum == 0).all() and (rescale == 0).all(), name
+        assert (tile == 0).all() and (logit_sum == -torch.inf).all(), name
+        run_max, run_sum, _, _ = kernels.lse_fold(finite.clone(), run_max, run_sum)
+        torch.testing.assert_close(run_max, want_max, atol=0, rtol=0)
+        torch.testing.assert_close(run_sum, want_sum, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +383,10 @@ def test_fused_linear_reference_options():
         (lambda a: a.update(labels=a["labels"][:, :-1]), ValueError, "does not match hidden"),
         (lambda a: a["labels"].__setitem__((0, 3), 41), ValueError, r"label 41 is outside \[0, 41\)"),
         (lambda a: a.update(backend="cuda-magic"), ValueError, "unknown backend"),
+        (lambda a: a.update(hidden=a["hidden"].to("meta")), ValueError, "hidden is a meta tensor"),
+        (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, "weight is a meta tensor"),
+        (lambda a: a.update(bias=a["bias"].to("meta")), ValueError, "bias is a meta tensor"),
+        (lambda a: a.update(labels=a["labels"].to("meta")), ValueError, "labels are on meta but hidden"),
     ],
 )
 def test_bad_input_is_a_clear_error(mutate, error, match):

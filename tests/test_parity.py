@@ -27,6 +27,8 @@ def _check_forward_and_grad(backend, logits, labels, *, ignore_index=-100, shift
     exact = ground_truth_token_logps(logits, labels, ignore_index=ignore_index, shift=shift)
     t = exact.shape[1]
     assert out.token_logps.dtype == torch.float32
+    # assert_close_verbose compares err.max() > atol, which a NaN never is: rule NaN out first.
+    assert torch.isfinite(out.token_logps).all() and torch.isfinite(out.sequence_logps).all()
     assert_close_verbose(out.token_logps, exact, atol=LOGP_ATOL[dtype], what="token_logps")
     assert_close_verbose(out.sequence_logps, exact.sum(-1), atol=LOGP_ATOL[dtype] * t, what="sequence_logps")
     ref_sums = naive_mean_logit_sums(logits, labels, ignore_index=ignore_index, shift=shift)
@@ -41,7 +43,7 @@ def _check_forward_and_grad(backend, logits, labels, *, ignore_index=-100, shift
     expected = ground_truth_grad(
         logits, labels, w_tok + w_seq[:, None], ignore_index=ignore_index, shift=shift
     )
-    assert x.grad.dtype == dtype
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
     rtol, atol = GRAD_TOL[dtype]
     assert_close_verbose(x.grad, expected, atol=atol, rtol=rtol, what="grad")
     return x.grad
@@ -190,3 +192,130 @@ def test_ignored_rows_are_never_read(backend):
     (out.sequence_logps.sum() + out.token_logps.sum()).backward()
     assert torch.isfinite(out.sequence_logps).all() and torch.isfinite(out.token_logps).all()
     assert torch.isfinite(out.logit_sums).all() and torch.isfinite(x.grad).all()
+
+
+# Masked vocabularies: -inf over whole blocks of the kernels (the native kernel reads a row in
+# blocks of 2048 entries, Triton in blocks of 4096), so an online log-sum-exp sees a running max
+# of -inf for a while. Every label scores an allowed entry: the answer is finite.
+MASKED_VOCAB = 9000
+MASKS = {
+    "leading": slice(0, 5000),  # the first blocks of both kernels
+    "trailing": slice(MASKED_VOCAB - 5000, MASKED_VOCAB),
+    "interior": slice(2000, 7000),
+    "all-but-one": [i for i in range(MASKED_VOCAB) if i != 6000],
+}
+
+
+def masked_inputs(mask: str, dtype, vocab=MASKED_VOCAB, n=2, t=5, seed=3):
+    logits, labels = make_inputs(n, t, vocab, dtype, seed=seed)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[MASKS[mask]] = False
+    logits[..., ~allowed] = -torch.inf
+    choices = allowed.nonzero().squeeze(1)
+    counted = labels != -100
+    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(seed))
+    labels[counted] = choices[pick]
+    return logits, labels
+
+
+def masked_ground_truth(logits, labels, grad_tokens):
+    """float64 token log-probs, logit sums and the gradient of sum(grad_tokens * token_logps);
+    ignored positions are selected away, not multiplied by 0 (their -inf would give NaN)."""
+    x = logits.detach().double().requires_grad_(True)
+    target = labels[:, 1:]
+    mask = target != -100
+    logps = torch.log_softmax(x[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    tokens = torch.where(mask, logps, 0.0)
+    (tokens * grad_tokens.double()).sum().backward()
+    logit_sums = torch.where(mask, x[:, :-1].detach().sum(-1), 0.0).sum(-1)
+    return tokens.detach(), logit_sums, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+def test_masked_vocabulary(backend, dtype, mask):
+    logits, labels = masked_inputs(mask, dtype)
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, backend=backend)
+    w = torch.randn(out.token_logps.shape, generator=torch.Generator().manual_seed(1))
+    (out.token_logps * w).sum().backward()
+    tokens, logit_sums, grad = masked_ground_truth(logits, labels, w)
+    # assert_close_verbose compares err.max() > atol, which a NaN never is: rule NaN out first.
+    assert torch.isfinite(out.token_logps).all() and torch.isfinite(x.grad).all()
+    assert_close_verbose(out.token_logps, tokens, atol=LOGP_ATOL[dtype], what="token_logps")
+    assert_close_verbose(out.sequence_logps, tokens.sum(-1), atol=LOGP_ATOL[dtype] * 4, what="sequence_logps")
+    torch.testing.assert_close(out.logit_sums.double(), logit_sums, atol=1e-2, rtol=1e-5)  # -inf where masked
+    rtol, atol = GRAD_TOL[dtype]
+    assert_close_verbose(x.grad, grad, atol=atol, rtol=rtol, what="grad")
+
+
+# In-place backward: the gradient overwrites the logits, so autograd must know (version counter)
+# and the logits must not alias themselves.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_twice_is_autograds_error(backend):
+    logits, labels = make_inputs(2, 5, 11)
+    x = logits.clone().requires_grad_(True) * 1.0  # not a leaf: its storage may be overwritten
+    loss = fused_logps(x, labels, backend=backend, inplace_backward=True).sequence_logps.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the saved logits now hold the gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_under_an_op_that_saved_the_logits_is_autograds_error(backend):
+    logits, labels = make_inputs(2, 5, 11)
+    x = logits.clone().requires_grad_(True) * 1.0
+    squares = (x**2).sum()  # recorded first, so its backward runs after the in-place one
+    loss = fused_logps(x, labels, backend=backend, inplace_backward=True).sequence_logps.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + squares).backward()
+
+
+# Layouts whose elements share memory: an expand()ed batch, rows that overlap.
+OVERLAPPING = {
+    "expanded": ((1, 5, 11), lambda leaf: leaf.expand(3, 5, 11)),
+    "overlapping rows": ((100,), lambda leaf: leaf.as_strided((2, 5, 11), (20, 3, 1))),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", OVERLAPPING)
+def test_inplace_backward_refuses_logits_that_overlap_themselves(backend, layout):
+    shape, make_view = OVERLAPPING[layout]
+    data = torch.randn(shape)
+    leaf = data.clone().requires_grad_(True)
+    logits = make_view(leaf)
+    labels = make_inputs(logits.shape[0], 5, 11)[1]
+    with pytest.raises(ValueError, match=r"inplace_backward=True .*logits.* overlap"):
+        fused_logps(logits, labels, backend=backend, inplace_backward=True)
+    # Out of place the same logits are fine: autograd sums the gradient over aliased elements.
+    fused_logps(logits, labels, backend=backend).sequence_logps.sum().backward()
+    ref = data.clone().requires_grad_(True)
+    naive_sequence_logps(make_view(ref), labels).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_on_a_strided_view_writes_only_the_view(backend):
+    base = torch.randn(3, 10, 40)
+    labels = make_inputs(3, 5, 33, seed=3)[1]
+    before = base.clone()
+    x = base.clone().requires_grad_(True) * 1.0
+    view = x[:, ::2, :33]  # strided, not overlapping: allowed in place
+    fused_logps(view, labels, backend=backend, inplace_backward=True).sequence_logps.sum().backward()
+    expected = ground_truth_grad(before[:, ::2, :33], labels, torch.ones(3, 4))
+    assert_close_verbose(x.detach()[:, ::2, :33], expected, atol=1e-6, rtol=1e-5, what="grad in place")
+    untouched = torch.ones(base.shape, dtype=torch.bool)
+    untouched[:, ::2, :33] = False
+    assert torch.equal(x.detach()[untouched], before[untouched])
+
+
+def test_meta_and_misplaced_tensors_are_errors_that_name_the_argument():
+    labels = make_inputs(2, 5, 11)[1]
+    with pytest.raises(ValueError, match="logits is a meta tensor"):
+        fused_logps(torch.empty(2, 5, 11, device="meta"), labels.to("meta"))
+    with pytest.raises(ValueError, match="labels are on meta but logits are on cpu"):
+        fused_logps(torch.randn(2, 5, 11), labels.to("meta"))

@@ -18,14 +18,17 @@ Every backend provides the same two kernels (plain functions, no autograd):
     (including logits rows the shift leaves unused), in ``logits.dtype``. With ``inplace=True``
     the backend may write the gradient into ``logits``' own storage and return that tensor.
 
-Two tile kernels serve the fused linear path (fastdpo/backends/linear_tiles.py), which projects hidden
-states onto the LM head one float32 tile ``[rows, vocabulary block]`` at a time:
+Two tile kernels serve the fused linear path, whose tiled loops (``linear_tiles.py``, kernel
+level but not a backend: it runs on any backend's tile kernels) project hidden states onto the
+LM head one float32 tile ``[rows, vocabulary block]`` at a time:
 
 ``lse_fold(tile, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)``
     Folds the tile into each row's online log-sum-exp (all ``[rows]`` float32):
     ``new_max = max(running_max, max(tile))``, ``rescale = exp(running_max - new_max)`` (0 while
     ``running_max`` is ``-inf``), ``new_sum = running_sum * rescale + sum(exp(tile - new_max))``,
-    and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``.
+    and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``. A row
+    that is all ``-inf`` so far (a masked vocabulary) keeps ``new_max = -inf``, ``new_sum = 0``
+    and its tile row becomes zeros: the fold subtracts 0 there, never ``-inf - -inf``.
 
 ``softmax_grad_tile(tile, labels_local, lse, grad_rows) -> None``
     Overwrites ``tile`` with ``grad_rows * (onehot(labels_local) - exp(tile - lse))``; a label

@@ -23,6 +23,10 @@ On CPU the matmul operands are float32 tiles converted on the fly: a bfloat16 ma
 times slower than a float32 one on CPUs without native bf16 instructions, and float32 is exact
 to the last bit that matters here. On CUDA the operands keep their dtype and the products
 accumulate in float32 (``out_dtype``), as tensor cores want.
+
+The matmuls are the only part whose result depends on the number of threads (MKL partitions a
+product's rows by thread count): docs/fused_linear.md, "Thread count and bitwise
+reproducibility".
 """
 
 from __future__ import annotations

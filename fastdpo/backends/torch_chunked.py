@@ -83,9 +83,11 @@ def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.T
     """The fused linear path's tile fold (contract in fastdpo/backends/__init__.py), in torch ops."""
     logit_sum = tile.sum(dim=1)
     new_max = torch.maximum(running_max, tile.amax(dim=1))
-    # exp(-inf - m) is 0, but a row still at -inf would give exp(nan): its running sum is empty.
-    rescale = torch.where(running_max == -torch.inf, 0.0, torch.exp(running_max - new_max))
-    tile.sub_(new_max.unsqueeze(1)).exp_()
+    # Subtract 0 from a row that is all -inf so far (a masked vocabulary block): its rescale and
+    # its terms are then exp(-inf) = 0, where subtracting -inf would give exp(-inf - -inf) = NaN.
+    offset = torch.where(new_max == -torch.inf, 0.0, new_max)
+    rescale = torch.exp(running_max - offset)
+    tile.sub_(offset.unsqueeze(1)).exp_()
     return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum
 
 

@@ -85,7 +85,10 @@ def _forward_kernel(
             in_row = cols < V
             x = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # Subtract 0 while every logit so far is -inf (a masked vocabulary block): the terms
+            # are then exp(-inf) = 0, where subtracting -inf would give exp(-inf - -inf) = NaN.
+            offset = tl.where(m_new == -float("inf"), 0.0, m_new)
+            s = s * tl.exp(m - offset) + tl.sum(tl.exp(x - offset), axis=0)
             total += tl.sum(tl.where(in_row, x, 0.0), axis=0)
             m = m_new
         lse = m + tl.log(s)

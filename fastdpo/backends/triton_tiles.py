@@ -44,13 +44,15 @@ def _lse_fold_kernel(
         total += tl.sum(tl.where(offs < cols, x, 0.0), axis=0)
     m_old = tl.load(max_ptr + r)
     m = tl.maximum(m_old, m_tile)
-    # A row still at -inf has an empty running sum: nothing to rescale (and exp(nan) avoided).
-    rescale = tl.where(m_old == -float("inf"), 0.0, tl.exp(m_old - m))
+    # Subtract 0 while the row is all -inf (running max -inf, running sum empty): the rescale and
+    # the tile's terms are then exp(-inf) = 0, never exp(-inf - -inf) = NaN.
+    offset = tl.where(m == -float("inf"), 0.0, m)
+    rescale = tl.exp(m_old - offset)
     exp_sum = 0.0
     for start in range(0, cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_row = offs < cols
-        e = tl.exp(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")) - m)
+        e = tl.exp(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")) - offset)
         tl.store(row_ptr + offs, e, mask=in_row)
         exp_sum += tl.sum(e, axis=0)
     tl.store(new_max_ptr + r, m)
