@@ -293,3 +293,48 @@ def test_torchrun_two_processes_match_one(gpt2_dir, tmp_path):
     assert_same_run((one.state.log_history, updates(one.model.state_dict()), one),
                     (ddp["log_history"], updates(after_ddp), None), ignore=["total_flos"])  # fmt: skip
     # (Trainer estimates total_flos from the padded batch shapes, which differ per rank.)
+
+
+@pytest.mark.parametrize("pre_shifted", [False, True])
+def test_head_gives_what_trls_head_gives(pre_shifted, tokenizer):
+    # Straight at the head: every FusedCausalLMOutput field and the log-probs' gradient, with
+    # labels or pre-shifted shift_labels (context parallelism), with num_items_in_batch.
+    torch.manual_seed(1)
+    ids = torch.randint(0, len(tokenizer), (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 9:] = -100
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_items_in_batch=torch.tensor(17))
+    shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1)  # as transformers pre-shifts them
+    call |= dict(shift_labels=shifted) if pre_shifted else dict(labels=labels)
+    outputs = ("log_probs", *STATISTICS)
+    results = []
+    for add in (trl_utils.add_fused_lm_head, fastdpo.trl.add_fastdpo_lm_head):
+        model = tiny_lm(tokenizer, "phi")
+        add(model, outputs=outputs)
+        out = model(**call, fused_lm_head=True)
+        out.log_probs.pow(2).sum().backward()  # a gradient that differs per token
+        results.append((out, {k: p.grad for k, p in model.named_parameters()}))
+    (trl_out, trl_grads), (out, grads) = results
+    for name in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
+        torch.testing.assert_close(getattr(out, name), getattr(trl_out, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(out.is_top1, trl_out.is_top1) and torch.equal(out.label_mask, trl_out.label_mask)
+    assert out.log_probs.shape == ((3, 12) if pre_shifted else (3, 11)) and out.aux_loss is None
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
+def test_bf16_mixed_precision_runs_both_heads_under_autocast(tokenizer, monkeypatch):
+    # TRL's default bf16=True: accelerate wraps the reference's forward (in TRL's constructor) and
+    # the policy's (in train) in bfloat16 autocast; fastdpo's head must run inside those wrappers.
+    expected = train(trl.DPOTrainer, tokenizer, bf16=True, max_steps=1)[0][0]
+    forbid_trl_head(monkeypatch)
+    dtypes = []
+    linear_token_logps = fastdpo_lm_head.linear_token_logps
+    monkeypatch.setattr(fastdpo_lm_head, "linear_token_logps",
+                        lambda hidden, *a, **k: dtypes.append(hidden.dtype) or linear_token_logps(hidden, *a, **k))  # fmt: skip
+    actual = train(fastdpo.trl.DPOTrainer, tokenizer, bf16=True, max_steps=1)[0][0]
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the policy, then the reference
+    # TRL rounds its logits to bfloat16, fastdpo keeps the products of bfloat16 operands in float32.
+    for key in ("loss", "logps/chosen", "logps/rejected", "entropy"):
+        assert actual[key] == pytest.approx(expected[key], rel=1e-2), key

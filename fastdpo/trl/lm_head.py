@@ -135,7 +135,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 def fastdpo_fused_forward(
     model: nn.Module,
     *args,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None = None,
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch=None,
     statistics: tuple[str, ...] = (),
