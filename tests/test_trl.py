@@ -338,3 +338,15 @@ def test_bf16_mixed_precision_runs_both_heads_under_autocast(tokenizer, monkeypa
     # TRL rounds its logits to bfloat16, fastdpo keeps the products of bfloat16 operands in float32.
     for key in ("loss", "logps/chosen", "logps/rejected", "entropy"):
         assert actual[key] == pytest.approx(expected[key], rel=1e-2), key
+
+
+def test_trl_module_is_left_as_it_was(tokenizer):
+    import trl.trainer.dpo_trainer as trl_dpo_trainer
+
+    train(fastdpo.trl.DPOTrainer, tokenizer, max_steps=1)
+    with pytest.raises(ValueError, match="train_dataset"):  # TRL's own error, from inside the swap
+        fastdpo.trl.DPOTrainer(model=tiny_lm(tokenizer), args=trl.DPOConfig("unused", use_cpu=True))
+    assert trl_dpo_trainer.add_fused_lm_head is trl_utils.add_fused_lm_head
+    # and a plain TRL trainer built afterwards runs TRL's own head
+    model = train(trl.DPOTrainer, tokenizer, max_steps=1)[2].model
+    assert model.forward.__func__.__code__.co_filename == trl_utils.__file__

@@ -44,20 +44,24 @@ class DPOTrainer(trl.DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
 
 
+_constructing = threading.RLock()  # one fastdpo.trl.DPOTrainer constructor at a time swaps the name
+
+
 @contextlib.contextmanager
 def _fastdpo_heads_while_constructing():
     """TRL's DPOTrainer module adds fastdpo heads while this thread is in the block; any other
     thread constructing a plain ``trl.DPOTrainer`` meanwhile still gets TRL's."""
-    trl_add = trl_dpo_trainer.add_fused_lm_head
-    owner = threading.get_ident()
+    with _constructing:
+        trl_add = trl_dpo_trainer.add_fused_lm_head
+        owner = threading.get_ident()
 
-    @functools.wraps(trl_add)
-    def add_fused_lm_head(*args, **kwargs):
-        add = add_fastdpo_lm_head if threading.get_ident() == owner else trl_add
-        return add(*args, **kwargs)
+        @functools.wraps(trl_add)
+        def add_fused_lm_head(*args, **kwargs):
+            add = add_fastdpo_lm_head if threading.get_ident() == owner else trl_add
+            return add(*args, **kwargs)
 
-    trl_dpo_trainer.add_fused_lm_head = add_fused_lm_head
-    try:
-        yield
-    finally:
-        trl_dpo_trainer.add_fused_lm_head = trl_add
+        trl_dpo_trainer.add_fused_lm_head = add_fused_lm_head
+        try:
+            yield
+        finally:
+            trl_dpo_trainer.add_fused_lm_head = trl_add
