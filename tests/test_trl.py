@@ -350,3 +350,24 @@ def test_trl_module_is_left_as_it_was(tokenizer):
     # and a plain TRL trainer built afterwards runs TRL's own head
     model = train(trl.DPOTrainer, tokenizer, max_steps=1)[2].model
     assert model.forward.__func__.__code__.co_filename == trl_utils.__file__
+
+
+def test_fallback_reasons(tokenizer, monkeypatch):
+    from fastdpo.trl.lm_head import fallback_reason
+
+    model = tiny_lm(tokenizer)
+    assert fallback_reason(model, {}) is None
+    assert fallback_reason(model, {}, temperature=0.7) == "TRL's head divides the logits by temperature=0.7"
+    assert "Mixture-of-Experts" in fallback_reason(model, {"output_router_logits": True})
+    cases = {  # config attribute -> the factor TRL's head would apply
+        "logit_scale": (0.25, "0.25"), "output_multiplier": (2.0, "2.0"),
+        "lm_head_multiplier": (3.0, "3.0"), "logits_scaling": (4.0, "0.25"),
+    }  # fmt: skip
+    for name, (value, factor) in cases.items():
+        monkeypatch.setattr(model.config, name, value, raising=False)
+        assert fallback_reason(model, {}) == f"the model scales its logits by {factor}", name
+        monkeypatch.undo()
+    monkeypatch.setattr(model.config, "logit_scale", 1.0, raising=False)  # TRL's head: unscaled
+    assert fallback_reason(model, {}) is None
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros(300, 32, dtype=torch.int8), requires_grad=False)
+    assert "not a float matrix" in fallback_reason(model, {})
