@@ -31,6 +31,12 @@ OTHER_LOSSES = ["hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_har
                 "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Trainer creates its output_dir: let that be in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
