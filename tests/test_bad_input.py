@@ -159,7 +159,7 @@ BAD = [
     Bad("label V", KERNELS, _label(V), ValueError, rf"label {V} is outside \[0, {V}\)"),
     Bad("label -1", KERNELS, _label(-1), ValueError, "label -1 is outside"),
     Bad("labels on meta", KERNELS, _map("labels", _meta), ValueError, "labels are on meta"),
-    Bad("weight on meta", LINEAR, _map("weight", _meta), ValueError, "weight is on meta"),
+    Bad("weight on meta", LINEAR, _map("weight", _meta), ValueError, r"weight is (on meta|a meta tensor)"),
     Bad("ref_logps on meta", MODULES, _map("ref_logps", _meta), ValueError, "ref_logps is on meta"),
     Bad("ref on meta", PAIRS, _logp(2, _meta(torch.zeros(2))), ValueError, "ref_chosen_logps is on meta"),
     # options
