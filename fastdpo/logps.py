@@ -80,9 +80,9 @@ def check_labels(
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {scores} are on {device}")
     target = scored_labels(labels, shift)
-    counted = target[target != ignore_index]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
-        bad = counted[(counted < 0) | (counted >= vocab)][0].item()
+    outside = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if outside.any():  # the one device sync of a forward (a boolean index would add another)
+        bad = target[outside][0].item()
         raise ValueError(f"label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
