@@ -8,6 +8,7 @@ gradients flow to ``hidden``, ``weight`` and ``bias``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from fastdpo.backends import Backend, resolve_backend
 from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
 from fastdpo.backends.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
-from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels
+from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels, check_options
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: bool) -> None:
@@ -153,6 +154,10 @@ def fused_linear_logps(
     ``[N, T']``, sequence sums ``[N]``, counts, logit sums). ``backend`` picks the tile kernels;
     ``row_tile`` / ``vocab_tile`` override the tile shape.
     """
+    ignore_index = check_options(ignore_index, backend, shift=shift)
+    for name, size in (("row_tile", row_tile), ("vocab_tile", vocab_tile)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+            raise TypeError(f"{name} must be an int or None, got {type(size).__name__} {size!r}")
     check_linear_inputs(hidden, weight, bias, labels, ignore_index, shift)
     labels = labels.long()
     n, t, v = counted_rows(labels, ignore_index, shift)
@@ -200,6 +205,7 @@ def linear_sequence_logps(
 ) -> torch.Tensor:
     """Per-sequence sum (or, with ``average``, mean) of the labelled tokens' log-probs under
     ``hidden @ weight.T + bias``, float32 ``[N]``; 0 for a sequence with no counted token."""
+    check_options(ignore_index, backend, average=average)
     out = fused_linear_logps(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, shift=shift, backend=backend
     )

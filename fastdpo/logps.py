@@ -6,6 +6,7 @@ for the ``logits/*`` metrics; one backward pass writes the gradient of the logit
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,6 +39,23 @@ def may_overlap(x: torch.Tensor) -> bool:
     return False
 
 
+def check_options(ignore_index, backend, **flags) -> int:
+    """The keyword options of the kernel entry points; returns ``ignore_index`` as an int.
+
+    Type-checked, not coerced: ``shift="no"`` would otherwise count as true and
+    ``ignore_index=1.5`` would silently match no label."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}")
+    if not -(2**63) <= ignore_index < 2**63:  # compared with int64 labels
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name (str), got {type(backend).__name__} {backend!r}")
+    return int(ignore_index)
+
+
 def check_labels(
     labels: torch.Tensor,
     rows: tuple[int, ...],
@@ -62,9 +80,9 @@ def check_labels(
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but {scores} are on {device}")
     target = scored_labels(labels, shift)
-    counted = target[target != ignore_index]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= vocab):
-        bad = counted[(counted < 0) | (counted >= vocab)][0].item()
+    outside = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if outside.any():  # the one device sync of a forward (a boolean index would add another)
+        bad = target[outside][0].item()
         raise ValueError(f"label {bad} is outside [0, {vocab}) and is not ignore_index ({ignore_index})")
 
 
@@ -157,10 +175,11 @@ def fused_logps(
     counter, so autograd raises if anything saved them (a second backward with
     ``retain_graph=True``, an earlier op that saved the logits) rather than reading gradients.
     """
+    ignore_index = check_options(ignore_index, backend, shift=shift, inplace_backward=inplace_backward)
     check_inputs(logits, labels, ignore_index, shift, inplace_backward)
     labels = labels.long()
     chosen = resolve_backend(backend, logits.device)
-    settings = _Settings(chosen, int(ignore_index), bool(shift), bool(inplace_backward))
+    settings = _Settings(chosen, ignore_index, shift, inplace_backward)
     token, sequence, logit_sums = _FusedLogps.apply(logits, labels, settings)
     counts = (scored_labels(labels, shift) != ignore_index).sum(-1)
     return FusedLogps(token, sequence, counts, logit_sums)
@@ -196,6 +215,7 @@ def sequence_logps(
 
     Sequences with no counted token give 0 (never NaN) and a zero gradient.
     """
+    check_options(ignore_index, backend, average=average)
     out = fused_logps(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
     if average:
         return out.sequence_logps / out.counts.clamp(min=1)

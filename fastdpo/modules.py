@@ -31,7 +31,9 @@ class DPOOutput:
     ref_chosen_logps: torch.Tensor
     ref_rejected_logps: torch.Tensor
     # Mean logit over the vocabulary and the counted tokens of all chosen / rejected rows: 0-dim
-    # float64 tensors, 0 when no token is counted (see mean_logits).
+    # float64 tensors, 0 when no token is counted (see mean_logits). Built from float32 per-sequence
+    # sums: inf once one sequence's sum of |logit| over counted rows and vocabulary passes the
+    # float32 maximum (mean |logit| ~2e31 at V = 32000, 512 tokens; docs/design.md, "Bad input").
     mean_chosen_logit: torch.Tensor | None = None
     mean_rejected_logit: torch.Tensor | None = None
 

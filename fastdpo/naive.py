@@ -19,7 +19,8 @@ def naive_token_logps(
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     logps = torch.log_softmax(logits.float(), dim=-1)
     picked = torch.gather(logps, -1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return picked * mask
+    # where, not `* mask`: an ignored row may be all -inf, whose log_softmax is NaN and NaN * 0 = NaN
+    return torch.where(mask, picked, 0.0)
 
 
 def naive_sequence_logps(
@@ -47,4 +48,5 @@ def naive_mean_logit_sums(
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
-    return (logits.float().sum(-1) * mask).sum(-1)
+    # where, not `* mask`: an ignored row of a masked vocabulary sums to -inf, and -inf * 0 = NaN
+    return torch.where(mask, logits.float().sum(-1), 0.0).sum(-1)

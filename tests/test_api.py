@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import BACKENDS, make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastdpo
 from fastdpo import DPOLoss, FusedLinearDPOLoss, preference_loss, sequence_logps, token_logps
@@ -312,3 +313,39 @@ def test_bad_references_name_the_argument():
         ValueError, match=r"reference pass \(ref_hidden, ref_weight, ref_bias\): weight must be"
     ):
         FusedLinearDPOLoss()(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight[:, :4])
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops whose result must reach the host (on CUDA, each is a device sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        )
+        if bool_index or func in (
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.aten.nonzero.default,
+            torch.ops.aten.masked_select.default,
+            torch.ops.aten.is_nonzero.default,
+        ):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native extension is not built")
+def test_the_label_check_is_the_one_host_read_of_a_forward():
+    """Validating the labels costs one device sync per forward (it was three: a boolean index, the
+    min and the max); the native kernel itself reads nothing back."""
+    logits, labels = make_inputs(4, 9, 29, torch.float32)
+    labels[0, 3] = -100
+    with _HostReads() as reads:
+        fastdpo.fused_logps(logits, labels, backend="native")
+    assert reads.count == 1
+    labels[1, 4] = 29
+    with pytest.raises(ValueError, match=r"label 29 is outside \[0, 29\) and is not ignore_index \(-100\)"):
+        fastdpo.fused_logps(logits, labels, backend="native")

@@ -2,9 +2,8 @@
 one-line message that names the culprit (issue 13). Inputs are tiny so Triton's interpreter is quick.
 
 Each row of ``BAD`` says which entry points it applies to; an entry point that takes no backend
-(``preference_loss``), and the unknown-backend row, run once (backend ``-``). Left out because the
-kernel layer does not check them yet: meta tensors (a NotImplementedError from torch.nonzero), a
-non-integer ``ignore_index`` for the kernel entry points, non-bool ``shift`` / ``average``.
+(``preference_loss``), and the rows that replace the backend, run once (backend ``-``). Options
+reach every entry point as keyword arguments.
 """
 
 from __future__ import annotations
@@ -51,22 +50,32 @@ def _linear_module(x, backend):
     return loss(x["hidden"], x["weight"], x["labels"], bias=x["bias"], ref_logps=x["ref_logps"])
 
 
+def _logits(fn):
+    return lambda x, backend: fn(x["logits"], x["labels"], backend=backend, **x["options"])
+
+
 def _linear(fn):
-    return lambda x, backend: fn(x["hidden"], x["weight"], x["labels"], bias=x["bias"], backend=backend)
+    return lambda x, backend: fn(
+        x["hidden"], x["weight"], x["labels"], bias=x["bias"], backend=backend, **x["options"]
+    )
 
 
 ENTRIES: dict[str, Callable] = {
-    "token_logps": lambda x, backend: fastdpo.token_logps(x["logits"], x["labels"], backend=backend),
-    "sequence_logps": lambda x, backend: fastdpo.sequence_logps(x["logits"], x["labels"], backend=backend),
-    "fused_logps": lambda x, backend: fastdpo.fused_logps(x["logits"], x["labels"], backend=backend),
+    "token_logps": _logits(fastdpo.token_logps),
+    "sequence_logps": _logits(fastdpo.sequence_logps),
+    "fused_logps": _logits(fastdpo.fused_logps),
     "linear_token_logps": _linear(fastdpo.linear_token_logps),
     "linear_sequence_logps": _linear(fastdpo.linear_sequence_logps),
+    "fused_linear_logps": _linear(fastdpo.fused_linear_logps),
     "preference_loss": _pairs,
     "DPOLoss": _logits_module,
     "FusedLinearDPOLoss": _linear_module,
 }
-LOGITS = ("token_logps", "sequence_logps", "fused_logps", "DPOLoss")
-LINEAR = ("linear_token_logps", "linear_sequence_logps", "FusedLinearDPOLoss")
+LOGIT_FNS = ("token_logps", "sequence_logps", "fused_logps")
+LINEAR_FNS = ("linear_token_logps", "linear_sequence_logps", "fused_linear_logps")
+KERNEL_FNS = LOGIT_FNS + LINEAR_FNS
+LOGITS = LOGIT_FNS + ("DPOLoss",)
+LINEAR = LINEAR_FNS + ("FusedLinearDPOLoss",)
 KERNELS = LOGITS + LINEAR
 MODULES = ("DPOLoss", "FusedLinearDPOLoss")
 LOSSES = ("preference_loss",) + MODULES
@@ -79,6 +88,7 @@ class Bad:
     change: Callable[[dict], None]  # turns valid inputs into the bad ones, in place
     error: type[Exception]
     match: str  # the culprit, as the message must name it
+    backend: object = None  # passed instead of each available backend (the row then runs once)
 
 
 def _set(**values):
@@ -128,6 +138,8 @@ def _shorter(t):
 
 
 NAN, INF = float("nan"), float("inf")
+NOT_INT = "ignore_index must be an int"
+SEQUENCE_FNS = ("sequence_logps", "linear_sequence_logps")
 PAIRS = ("preference_loss",)
 BAD = [
     # dtypes
@@ -159,11 +171,30 @@ BAD = [
     Bad("label V", KERNELS, _label(V), ValueError, rf"label {V} is outside \[0, {V}\)"),
     Bad("label -1", KERNELS, _label(-1), ValueError, "label -1 is outside"),
     Bad("labels on meta", KERNELS, _map("labels", _meta), ValueError, "labels are on meta"),
-    Bad("weight on meta", LINEAR, _map("weight", _meta), ValueError, r"weight is (on meta|a meta tensor)"),
+    Bad("weight on meta", LINEAR, _map("weight", _meta), ValueError, "weight is a meta tensor"),
+    Bad("logits on meta", LOGIT_FNS, _map("logits", _meta), ValueError, "logits is a meta tensor"),
+    Bad("hidden on meta", LINEAR_FNS, _map("hidden", _meta), ValueError, "hidden is a meta tensor"),
     Bad("ref_logps on meta", MODULES, _map("ref_logps", _meta), ValueError, "ref_logps is on meta"),
     Bad("ref on meta", PAIRS, _logp(2, _meta(torch.zeros(2))), ValueError, "ref_chosen_logps is on meta"),
     # options
-    Bad("unknown backend", KERNELS, lambda x: None, ValueError, "unknown backend 'nope'"),
+    Bad("unknown backend", KERNELS, lambda x: None, ValueError, "unknown backend 'nope'", backend="nope"),
+    Bad("backend 1", KERNELS, lambda x: None, TypeError, "backend must be a backend name", backend=1),
+    Bad("ignore_index '-100'", KERNEL_FNS, _option(ignore_index="-100"), TypeError, NOT_INT),
+    Bad("ignore_index 'x'", KERNEL_FNS, _option(ignore_index="x"), TypeError, NOT_INT),
+    Bad("ignore_index 1.5", KERNEL_FNS, _option(ignore_index=1.5), TypeError, NOT_INT),
+    Bad("ignore_index True", KERNEL_FNS, _option(ignore_index=True), TypeError, NOT_INT),
+    Bad("ignore_index 2**70", KERNEL_FNS, _option(ignore_index=2**70), ValueError, "ignore_index must fit"),
+    Bad("shift 'no'", KERNEL_FNS, _option(shift="no"), TypeError, "shift must be True or False"),
+    Bad("shift 1", KERNEL_FNS, _option(shift=1), TypeError, "shift must be True or False"),
+    Bad("average 'no'", SEQUENCE_FNS, _option(average="no"), TypeError, "average must be True or False"),
+    Bad(
+        "inplace 'no'",
+        ("fused_logps", "DPOLoss"),
+        _option(inplace_backward="no"),
+        TypeError,
+        "inplace_backward",
+    ),
+    Bad("row_tile '8'", ("fused_linear_logps",), _option(row_tile="8"), TypeError, "row_tile must be an int"),
     Bad("unknown loss_type", LOSSES, _option(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
     Bad("beta str", LOSSES, _option(beta="0.1"), TypeError, "beta"),
     Bad("beta inf", LOSSES, _option(beta=INF), ValueError, "beta"),
@@ -176,7 +207,7 @@ BAD = [
 def _cases():
     for bad in BAD:
         for entry in bad.entries:
-            once = entry == "preference_loss" or bad.name == "unknown backend"
+            once = entry == "preference_loss" or bad.backend is not None
             for backend in ["-"] if once else BACKENDS:
                 yield pytest.param(entry, bad, backend, id=f"{entry}-{bad.name}-{backend}")
 
@@ -193,5 +224,5 @@ def test_bad_input_raises_a_one_line_error_naming_the_culprit(entry, bad, backen
     x = valid_inputs()
     bad.change(x)
     with pytest.raises(bad.error, match=bad.match) as caught:
-        ENTRIES[entry](x, "nope" if bad.name == "unknown backend" else backend)
+        ENTRIES[entry](x, backend if bad.backend is None else bad.backend)
     assert "\n" not in str(caught.value)

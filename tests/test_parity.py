@@ -250,6 +250,20 @@ def test_masked_vocabulary(backend, dtype, mask):
     assert_close_verbose(x.grad, grad, atol=atol, rtol=rtol, what="grad")
 
 
+@pytest.mark.parametrize("mask", MASKS)
+def test_the_oracle_on_masked_vocabularies(mask):
+    """The naive oracle selects ignored rows away: a masked row sums to -inf and an all -inf row's
+    log_softmax is NaN, and either times a 0 mask is NaN."""
+    logits, labels = masked_inputs(mask, torch.float32)
+    ignored = (labels[:, 1:] == -100).nonzero()[0]
+    logits[ignored[0], ignored[1]] = -torch.inf  # an ignored row that allows nothing
+    tokens, logit_sums, _ = masked_ground_truth(logits, labels, torch.zeros(labels[:, 1:].shape))
+    torch.testing.assert_close(naive_token_logps(logits, labels).double(), tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        naive_mean_logit_sums(logits, labels).double(), logit_sums, atol=1e-2, rtol=1e-5
+    )
+
+
 # In-place backward: the gradient overwrites the logits, so autograd must know (version counter)
 # and the logits must not alias themselves.
 
