@@ -1,8 +1,18 @@
-"""Shared test inputs, ground truth and tolerances."""
+"""Shared test inputs, ground truth and tolerances.
+
+The random inputs and the float64 ground truth live in ``benchmarks/ground_truth.py`` (no fastdpo
+import), which the benchmarks use too; the tests know them by the names below.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from benchmarks.ground_truth import float64_token_logps as ground_truth_token_logps
+from benchmarks.ground_truth import make_linear
+from benchmarks.ground_truth import make_logits as make_inputs
+
+__all__ = ["ground_truth_token_logps", "make_inputs", "make_linear"]
 
 # Every backend named here runs the whole parity suite; a new backend joins by adding its name.
 BACKENDS = ["torch", "native", "triton"]
@@ -12,25 +22,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOGP_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4}
 # Gradient tolerance is the output dtype's resolution (the math is float32, the result is rounded).
 GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (2e-3, 1e-4)}
-
-
-def make_inputs(n, t, v, dtype=torch.float32, *, ignore_frac=0.3, ignore_index=-100, seed=0, scale=3.0):
-    """Random logits [n, t, v] and labels with about ``ignore_frac`` of positions ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, t, v, generator=gen) * scale).to(dtype)
-    labels = torch.randint(0, v, (n, t), generator=gen)
-    labels[torch.rand(n, t, generator=gen) < ignore_frac] = ignore_index
-    return logits, labels
-
-
-def ground_truth_token_logps(logits, labels, *, ignore_index=-100, shift=True):
-    """float64 per-token log-probs: the exact answer for the given (rounded) logits."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != ignore_index
-    logps = torch.log_softmax(logits.double(), -1)
-    picked = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
 
 
 def ground_truth_grad(logits, labels, grad_tokens, *, ignore_index=-100, shift=True):

@@ -6,7 +6,7 @@ import liger_kernel.chunked_loss as liger_dpo
 import pytest
 import torch
 import trl.kernels.chunked_logprob as trl_kernels
-from test_linear import make_linear
+from helpers import make_linear
 
 from fastdpo import FusedLinearDPOLoss, fused_linear_logps
 
