@@ -20,6 +20,7 @@ from benchmarks.ground_truth import (
 from benchmarks.suite import MODES, run_once
 from benchmarks.suites import SUITES, get_suite
 from benchmarks.test_suites import SLOW_SEQ_LEN, points
+from benchmarks.trainer_steps import SETUPS, STEPS, load_setup, make_assets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Small enough for a test, odd on purpose; ``pairs`` first, as in every suite's dims.
@@ -115,3 +116,21 @@ def test_bench_size_selects_the_shapes(monkeypatch):
     assert _test_ids(_collect(env={"FASTDPO_BENCH_SIZE": "full"})) == _test_ids(full)
     bad = _collect(env={"FASTDPO_BENCH_SIZE": "huge"})
     assert bad.returncode != 0 and "must be one of ('quick', 'full'), got 'huge'" in bad.stderr
+
+
+def test_every_trainer_takes_a_step(tmp_path):
+    setup = dataclasses.replace(
+        SETUPS["quick"],
+        n_layer=1,
+        n_embd=16,
+        vocab=300,
+        pairs=4,
+        prompt=6,
+        completion=9,
+        max_length=24,
+        max_prompt_length=12,
+    )
+    directory = make_assets(tmp_path, setup)
+    assert load_setup(directory) == setup
+    for name, make_step in STEPS.items():
+        make_step(directory, str(tmp_path / name))()
