@@ -1,6 +1,6 @@
 """Measure one method of one suite at one point in a fresh process: time, peak extra memory, error.
 
-    python -m benchmarks.probe [--suite logits] METHOD PAIRS SEQ_LEN VOCAB DTYPE MODE [--rounds K] [--error]
+    python -m benchmarks.probe [--suite logits] METHOD PAIRS SEQ_LEN VOCAB DTYPE MODE [--rounds K] [--error [--truth FILE]]
     python -m benchmarks.probe --suite linear METHOD PAIRS SEQ_LEN HIDDEN VOCAB DTYPE MODE [...]
 
 (the shape's numbers are the suite's ``dims``) prints one JSON line: ``peak_extra_bytes``
@@ -8,7 +8,8 @@
 multiple of the size of the logits, or of what they would take for a suite that never builds
 them), the ``times`` of ``K`` further calls and their ``median_s``, and with ``--error`` the
 largest per-sequence error of the forward against float64 (on the inputs as made, before
-any other call). A suite with ``returned_grad_bytes``
+any other call). The float64 pass can cost more than the method at large shapes, so a caller that
+probes several methods at one point names a ``--truth`` file: loaded if it exists, else written. A suite with ``returned_grad_bytes``
 (``linear``) also gets the peak without the gradients the call returns (``working_extra_bytes``,
 ``working_extra_x_logits``). A warm-up call (compilation, kernel loading, allocator pools) comes
 first; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and one call is
@@ -27,7 +28,9 @@ import subprocess
 import sys
 import time
 
-from benchmarks.suite import DTYPES, MODES, max_abs_error, run_once
+import torch
+
+from benchmarks.suite import DTYPES, MODES, Inputs, Suite, max_abs_error, run_once
 from benchmarks.suites import SUITES, get_suite
 
 
@@ -55,14 +58,34 @@ def _steady_state_malloc() -> None:
     libc.mallopt(m_trim_threshold, 64 << 20)
 
 
-def probe(suite_name: str, method: str, shape, dtype: str, mode: str, rounds: int = 0, error: bool = False):
+def ground_truth(suite: Suite, inputs: Inputs, truth_file: str | None) -> torch.Tensor:
+    """The suite's float64 ground truth for ``inputs``, through the cache file if one is named."""
+    if truth_file and os.path.exists(truth_file):
+        return torch.load(truth_file)
+    exact = suite.ground_truth(inputs)
+    if truth_file:
+        torch.save(exact, truth_file + ".part")
+        os.replace(truth_file + ".part", truth_file)  # whole or absent, never half-written
+    return exact
+
+
+def probe(
+    suite_name: str,
+    method: str,
+    shape,
+    dtype: str,
+    mode: str,
+    rounds: int = 0,
+    error: bool = False,
+    truth_file: str | None = None,
+):
     suite = get_suite(suite_name)
     fn = suite.method(method)
     inputs = suite.make_inputs(shape, dtype)
     result = {}
     # Before any call: an in-place method may leave its gradient in the inputs.
     if error and method not in suite.forward_only:  # those compute something else
-        result["max_abs_error"] = max_abs_error(fn, inputs, suite.ground_truth(inputs))
+        result["max_abs_error"] = max_abs_error(fn, inputs, ground_truth(suite, inputs, truth_file))
     call = lambda: run_once(suite, fn, inputs, mode)  # noqa: E731
     call()  # warm-up
     gc.collect()
@@ -89,7 +112,15 @@ def probe(suite_name: str, method: str, shape, dtype: str, mode: str, rounds: in
 
 
 def probe_in_subprocess(
-    suite: str, method: str, shape, dtype: str, mode: str, rounds: int = 0, error: bool = False, timeout=None
+    suite: str,
+    method: str,
+    shape,
+    dtype: str,
+    mode: str,
+    rounds: int = 0,
+    error: bool = False,
+    truth_file: str | None = None,
+    timeout: float | None = None,
 ) -> dict:
     """Run :func:`probe` in a fresh interpreter so earlier work cannot hide or inflate the peak."""
     args = [
@@ -114,7 +145,11 @@ def probe_in_subprocess(
         os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_MAX_="65536"
     )
     out = subprocess.run(
-        args + (["--error"] if error else []), capture_output=True, text=True, timeout=timeout, env=env
+        args + (["--error"] if error else []) + (["--truth", truth_file] if truth_file else []),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"probe {suite} {method} {shape} {dtype} {mode} failed:\n{out.stderr[-2000:]}")
@@ -133,6 +168,9 @@ def main() -> None:
     parser.add_argument("mode", choices=list(MODES))
     parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--error", action="store_true")
+    parser.add_argument(
+        "--truth", help="float64 ground-truth cache for --error: read if present, else written"
+    )
     args = parser.parse_args()
     suite = SUITES[args.suite]
     if len(args.shape) != len(suite.dims):
@@ -141,7 +179,9 @@ def main() -> None:
         parser.error(
             f"unknown or unavailable {args.suite} method {args.method!r}; available: {list(suite.available())}"
         )
-    result = probe(args.suite, args.method, tuple(args.shape), args.dtype, args.mode, args.rounds, args.error)
+    result = probe(
+        args.suite, args.method, tuple(args.shape), args.dtype, args.mode, args.rounds, args.error, args.truth
+    )
     print(json.dumps(result))
 
 

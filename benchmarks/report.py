@@ -37,6 +37,7 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 
 from benchmarks.probe import probe_in_subprocess
 from benchmarks.suite import DTYPES
@@ -116,12 +117,16 @@ def run(plans: dict, methods: dict[str, list[str]], log=print) -> list[dict]:
         for dtype in plan["dtypes"]
         for method in methods[suite]
     ]
+    truths = tempfile.TemporaryDirectory()  # one float64 ground truth per point, shared by its methods
     for i, (suite, shape, dtype, method) in enumerate(todo, 1):
         label = f"[{i}/{len(todo)}] {suite:6s} {method:28s} {_dims_label(suite, shape)} {dtype:8s}"
-        rounds = plans[suite]["rounds"]
+        rounds, truth = (
+            plans[suite]["rounds"],
+            os.path.join(truths.name, _dims_label(suite, shape) + f" {dtype}.pt"),
+        )
         try:
             r = probe_in_subprocess(
-                suite, method, shape, dtype, "forward_backward", rounds=rounds, error=True
+                suite, method, shape, dtype, "forward_backward", rounds=rounds, error=True, truth_file=truth
             )
         except Exception as exc:  # one failing point must not sink the report: record it
             log(f"{label} FAILED: {str(exc).splitlines()[-1] if str(exc) else exc}")
@@ -133,6 +138,7 @@ def run(plans: dict, methods: dict[str, list[str]], log=print) -> list[dict]:
             f"err {r['max_abs_error']:.1e}"
         )
         rows.append(dict(method=method, dtype=dtype, **_shape_fields(suite, shape), **r))
+    truths.cleanup()
     add_ratios(rows)
     return rows
 

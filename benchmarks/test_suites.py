@@ -75,7 +75,13 @@ def inputs_at(p: Point) -> dict:
     return _inputs[p]
 
 
-def test_suite(benchmark, case, request):
+@pytest.fixture(scope="session")
+def truths(tmp_path_factory):
+    """Where each point's float64 ground truth is kept, computed by the first probe at the point."""
+    return tmp_path_factory.mktemp("ground_truth")
+
+
+def test_suite(benchmark, case, truths, request):
     p, method, mode = case
     suite = SUITES[p.suite]
     benchmark.group = f"{p.suite} {p.shape_name} {p.shape} {p.dtype} {mode}"
@@ -83,7 +89,9 @@ def test_suite(benchmark, case, request):
     if p.note:
         benchmark.extra_info["note"] = p.note
     error = method not in suite.forward_only
-    benchmark.extra_info.update(probe_in_subprocess(p.suite, method, p.shape, p.dtype, mode, error=error))
+    truth = str(truths / f"{p}.pt")
+    probe = probe_in_subprocess(p.suite, method, p.shape, p.dtype, mode, error=error, truth_file=truth)
+    benchmark.extra_info.update(probe)
     if error:
         benchmark.extra_info["max_abs_error_vs_float64"] = benchmark.extra_info.pop("max_abs_error")
     fn, inputs = suite.method(method), inputs_at(p)

@@ -17,6 +17,7 @@ from benchmarks.ground_truth import (
     make_linear,
     make_logits,
 )
+from benchmarks.probe import probe
 from benchmarks.suite import MODES, run_once
 from benchmarks.suites import SUITES, get_suite
 from benchmarks.test_suites import SLOW_SEQ_LEN, points
@@ -62,6 +63,17 @@ def test_chunked_ground_truths_equal_the_one_float64_log_softmax():
     exact = float64_sequence_logps(hidden.double() @ weight.double().T + bias.double(), labels)
     got = float64_linear_sequence_logps(hidden, weight, labels, bias=bias, rows=4)
     torch.testing.assert_close(got, exact, rtol=0, atol=1e-12)
+
+
+def test_probe_reads_the_ground_truth_a_caller_keeps(tmp_path):
+    truth = str(tmp_path / "truth.pt")
+    shape = (1, 6, 40)
+    first = probe("logits", "fastdpo-torch", shape, "float32", "forward", error=True, truth_file=truth)
+    exact = torch.load(truth)
+    assert exact.dtype == torch.float64 and first["max_abs_error"] < 1e-4
+    torch.save(exact + 1.0, truth)  # a cached truth is used as it is, not recomputed
+    again = probe("logits", "fastdpo-torch", shape, "float32", "forward", error=True, truth_file=truth)
+    assert abs(again["max_abs_error"] - 1.0) < 1e-4
 
 
 def test_slow_dtypes_are_cut_to_a_short_sequence(monkeypatch):
