@@ -42,7 +42,7 @@ class Suite:
     """One benchmark suite. Shapes are tuples named by ``dims``, dtypes are keys of ``DTYPES``."""
 
     name: str
-    description: str  # one line for the report's headings
+    description: str  # one line for the report's headings; ``{pairs}`` is filled in
     dims: tuple[str, ...]  # what the numbers of a shape are, e.g. ("pairs", "seq_len", "vocab")
     make_inputs: Callable[[Shape, str], Inputs]  # the same inputs for every method, seeded
     grad_inputs: tuple[str, ...]  # the inputs that get gradients in ``forward_backward``
@@ -60,7 +60,8 @@ class Suite:
     # Bytes of the gradients a ``forward_backward`` call returns, if the probe should also report
     # the peak memory without them; None if not.
     returned_grad_bytes: Callable[[Inputs], int] | None = None
-    # dtype -> why this machine runs it too slowly for the default runs (empty: none).
+    # dtype -> why this machine runs it too slowly (empty: none): the report leaves it out unless
+    # asked for, the pytest suite cuts its sequences short.
     slow_dtypes: Callable[[], dict[str, str]] = field(default=dict)
 
     def available(self) -> dict[str, Method]:
