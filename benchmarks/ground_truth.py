@@ -84,7 +84,8 @@ def float64_token_logps(
         logits, labels = logits[:, :-1], labels[:, 1:]
     logps = torch.log_softmax(logits.double(), -1)
     picked = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * (labels != ignore_index)
+    # Selected away, not multiplied by 0: an ignored position may score a -inf (masked) logit.
+    return torch.where(labels != ignore_index, picked, 0.0)
 
 
 def _chunked_sequence_sums(

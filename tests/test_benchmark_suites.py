@@ -55,6 +55,14 @@ def test_every_suite_names_a_runnable_baseline_and_its_shapes():
         SUITES["linear"].method("naive")
 
 
+def test_ignored_positions_count_zero_even_on_a_masked_logit():
+    logits, labels = make_logits(2, 5, 7)
+    labels[:, 2] = -100
+    logits[:, 1, 0] = float("-inf")  # what an ignored label's clamp(min=0) would pick
+    tokens = float64_token_logps(logits, labels)
+    assert torch.isfinite(tokens).all() and (tokens[:, 1] == 0).all()
+
+
 def test_chunked_ground_truths_equal_the_one_float64_log_softmax():
     logits, labels = make_logits(3, 11, 17, torch.bfloat16)
     whole = float64_token_logps(logits, labels).sum(-1)
