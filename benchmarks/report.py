@@ -89,7 +89,7 @@ def machine_info() -> dict:
         (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
     )
     return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_features": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
         "cores": os.cpu_count(),
