@@ -1,4 +1,5 @@
-# Documented commands: `make test`, `make bench`, `make report`, `make lint`.
+# Documented commands: `make test`, `make bench` (quick shapes, minutes), `make bench-full` (the issues'
+# shapes, hours on CPU), `make report`, `make lint`.
 PY ?= python
 
 test:
@@ -7,10 +8,13 @@ test:
 bench:
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
+bench-full:
+	$(PY) -m pytest benchmarks/ --benchmark-only --bench-size full
+
 report:
 	$(PY) -m benchmarks.report --quick
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-.PHONY: test bench report lint
+.PHONY: test bench bench-full report lint

@@ -1,17 +1,20 @@
-"""Measure one method at one point in a fresh process: time, peak extra memory, error.
+"""Measure one method of one suite at one point in a fresh process: time, peak extra memory, error.
 
-    python -m benchmarks.probe METHOD PAIRS SEQ_LEN VOCAB DTYPE MODE [--rounds K] [--error]
+    python -m benchmarks.probe [--suite logits] METHOD PAIRS SEQ_LEN VOCAB DTYPE MODE [--rounds K] [--error [--truth FILE]]
     python -m benchmarks.probe --suite linear METHOD PAIRS SEQ_LEN HIDDEN VOCAB DTYPE MODE [...]
 
-prints one JSON line: ``peak_extra_bytes`` (resident memory added by one call beyond the
-inputs), ``peak_extra_x_logits`` (that, as a multiple of the logits' size, or of what they
-would take for the ``linear`` suite, which has no logits), the ``times`` of ``K`` further calls
-and their ``median_s``, and with ``--error`` the largest per-sequence error of the forward
-against float64. The ``linear`` suite also reports the peak without the gradients the call
-returns (``working_extra_bytes``, ``working_extra_x_logits``). A warm-up call (compilation,
-kernel loading, allocator pools) comes first; then the kernel's peak-RSS mark is reset
-(``/proc/self/clear_refs``) and one call is measured. The timed calls then run under glibc's
-usual steady-state heap policy (see :func:`_steady_state_malloc`).
+(the shape's numbers are the suite's ``dims``) prints one JSON line: ``peak_extra_bytes``
+(resident memory added by one call beyond the inputs), ``peak_extra_x_logits`` (that, as a
+multiple of the size of the logits, or of what they would take for a suite that never builds
+them), the ``times`` of ``K`` further calls and their ``median_s``, and with ``--error`` the
+largest per-sequence error of the forward against float64 (on the inputs as made, before
+any other call). The float64 pass can cost more than the method at large shapes, so a caller that
+probes several methods at one point names a ``--truth`` file: loaded if it exists, else written. A suite with ``returned_grad_bytes``
+(``linear``) also gets the peak without the gradients the call returns (``working_extra_bytes``,
+``working_extra_x_logits``). A warm-up call (compilation, kernel loading, allocator pools) comes
+first; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and one call is
+measured. The timed calls then run under glibc's usual steady-state heap policy (see
+:func:`_steady_state_malloc`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from benchmarks.suite import DTYPES, MODES, Inputs, Suite, max_abs_error, run_once
+from benchmarks.suites import SUITES, get_suite
+
 
 def status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -32,15 +40,6 @@ def status_kb(field: str) -> int:
             if line.startswith(field):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _suite(name: str):
-    """The methods module of a suite: ``logits`` (benchmarks.methods) or ``linear``."""
-    import importlib
-
-    return importlib.import_module(
-        {"logits": "benchmarks.methods", "linear": "benchmarks.linear_methods"}[name]
-    )
 
 
 def _steady_state_malloc() -> None:
@@ -59,14 +58,35 @@ def _steady_state_malloc() -> None:
     libc.mallopt(m_trim_threshold, 64 << 20)
 
 
-def probe(method, shape, dtype: str, mode: str, rounds: int = 0, error: bool = False, suite: str = "logits"):
-    m = _suite(suite)
-    fn = m.available_methods()[method]
-    inputs = m.make_inputs(shape, dtype)
-    args = inputs if suite == "linear" else tuple(inputs)  # logits suite: (logits, labels)
-    call = (
-        (lambda: m.run_once(fn, args, mode)) if suite == "linear" else (lambda: m.run_once(fn, *args, mode))
-    )
+def ground_truth(suite: Suite, inputs: Inputs, truth_file: str | None) -> torch.Tensor:
+    """The suite's float64 ground truth for ``inputs``, through the cache file if one is named."""
+    if truth_file and os.path.exists(truth_file):
+        return torch.load(truth_file)
+    exact = suite.ground_truth(inputs)
+    if truth_file:
+        torch.save(exact, truth_file + ".part")
+        os.replace(truth_file + ".part", truth_file)  # whole or absent, never half-written
+    return exact
+
+
+def probe(
+    suite_name: str,
+    method: str,
+    shape,
+    dtype: str,
+    mode: str,
+    rounds: int = 0,
+    error: bool = False,
+    truth_file: str | None = None,
+):
+    suite = get_suite(suite_name)
+    fn = suite.method(method)
+    inputs = suite.make_inputs(shape, dtype)
+    result = {}
+    # Before any call: an in-place method may leave its gradient in the inputs.
+    if error and method not in suite.forward_only:  # those compute something else
+        result["max_abs_error"] = max_abs_error(fn, inputs, ground_truth(suite, inputs, truth_file))
+    call = lambda: run_once(suite, fn, inputs, mode)  # noqa: E731
     call()  # warm-up
     gc.collect()
     before = status_kb("VmRSS")
@@ -74,13 +94,10 @@ def probe(method, shape, dtype: str, mode: str, rounds: int = 0, error: bool = F
         f.write("5")  # reset the high-water mark to the current RSS
     call()
     extra = (status_kb("VmHWM") - before) * 1024
-    if suite == "linear":
-        logits_bytes = m.logits_bytes(inputs)
-        working = extra - (m.gradient_bytes(inputs) if mode == "forward_backward" else 0)
-        result = {"working_extra_bytes": working, "working_extra_x_logits": round(working / logits_bytes, 4)}
-    else:
-        logits_bytes = inputs[0].numel() * inputs[0].element_size()
-        result = {}
+    logits_bytes = suite.logits_bytes(shape, dtype)
+    if suite.returned_grad_bytes is not None:
+        working = extra - (suite.returned_grad_bytes(inputs) if mode == "forward_backward" else 0)
+        result.update(working_extra_bytes=working, working_extra_x_logits=round(working / logits_bytes, 4))
     result.update(peak_extra_bytes=extra, peak_extra_x_logits=round(extra / logits_bytes, 4))
     if rounds:
         _steady_state_malloc()
@@ -91,17 +108,19 @@ def probe(method, shape, dtype: str, mode: str, rounds: int = 0, error: bool = F
             call()
             times.append(time.perf_counter() - start)
         result.update(times=times, median_s=statistics.median(times))
-    if error:
-        if suite == "linear":
-            result["max_abs_error"] = m.max_abs_error(fn, inputs, m.float64_policy_logps(inputs))
-        else:
-            exact = m.float64_sequence_logps(*inputs)
-            result["max_abs_error"] = m.max_abs_error(fn, *inputs, exact)
     return result
 
 
 def probe_in_subprocess(
-    method, shape, dtype, mode, rounds=0, error=False, timeout=None, suite="logits"
+    suite: str,
+    method: str,
+    shape,
+    dtype: str,
+    mode: str,
+    rounds: int = 0,
+    error: bool = False,
+    truth_file: str | None = None,
+    timeout: float | None = None,
 ) -> dict:
     """Run :func:`probe` in a fresh interpreter so earlier work cannot hide or inflate the peak."""
     args = [
@@ -126,10 +145,14 @@ def probe_in_subprocess(
         os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_MAX_="65536"
     )
     out = subprocess.run(
-        args + (["--error"] if error else []), capture_output=True, text=True, timeout=timeout, env=env
+        args + (["--error"] if error else []) + (["--truth", truth_file] if truth_file else []),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"probe {method} {shape} {dtype} {mode} failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"probe {suite} {method} {shape} {dtype} {mode} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,20 +160,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["logits", "linear"], default="logits")
+    parser.add_argument("--suite", choices=list(SUITES), default="logits")
     parser.add_argument("method")
-    parser.add_argument(
-        "shape", nargs="+", type=int, help="PAIRS SEQ_LEN VOCAB (linear: PAIRS SEQ_LEN HIDDEN VOCAB)"
-    )
-    parser.add_argument("dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("mode", choices=["forward", "forward_backward"])
+    dims = "; ".join(f"{name}: {' '.join(d.upper() for d in s.dims)}" for name, s in SUITES.items())
+    parser.add_argument("shape", nargs="+", type=int, help=f"the suite's dims ({dims})")
+    parser.add_argument("dtype", choices=list(DTYPES))
+    parser.add_argument("mode", choices=list(MODES))
     parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--error", action="store_true")
+    parser.add_argument(
+        "--truth", help="float64 ground-truth cache for --error: read if present, else written"
+    )
     args = parser.parse_args()
-    if len(args.shape) != (4 if args.suite == "linear" else 3):
-        parser.error(f"the {args.suite} suite takes {4 if args.suite == 'linear' else 3} shape numbers")
-    shape = tuple(args.shape)
-    print(json.dumps(probe(args.method, shape, args.dtype, args.mode, args.rounds, args.error, args.suite)))
+    suite = SUITES[args.suite]
+    if len(args.shape) != len(suite.dims):
+        parser.error(f"the {args.suite} suite takes {len(suite.dims)} shape numbers ({' '.join(suite.dims)})")
+    if args.method not in suite.available():
+        parser.error(
+            f"unknown or unavailable {args.suite} method {args.method!r}; available: {list(suite.available())}"
+        )
+    result = probe(
+        args.suite, args.method, tuple(args.shape), args.dtype, args.mode, args.rounds, args.error, args.truth
+    )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,34 @@
 """One command that shows where fastdpo stands: a side-by-side sweep with tables and charts.
 
-    python -m benchmarks.report --quick                    # under ten minutes on 2 CPU cores
+    python -m benchmarks.report --quick                    # several minutes on 2 CPU cores
     python -m benchmarks.report --quick --readme README.md  # and refresh the README's tables and charts
     python -m benchmarks.report                            # the full sweep (32k/128k/256k, longer sequences; hours)
 
-Two suites, each forward+backward of a DPO step's log-probs:
+Every suite of ``benchmarks/suites.py``, forward+backward of a DPO step's log-probs:
 
 - ``logits``: per-sequence log-probs from ``[2x2, T, V]`` logits: every fastdpo backend against
-  the naive reference, ``torch.compile`` of it and TRL's ``selective_log_softmax``;
+  the naive implementation, ``torch.compile`` of it and TRL's ``selective_log_softmax``;
 - ``linear``: the DPO loss from ``[2x2, T, H]`` hidden states and a ``[V, H]`` LM head, policy
   and reference: fastdpo's fused linear path against the naive and the native-kernel unfused
   paths (matmul, then log-probs from the logits), TRL's chunked log-prob function and Liger's
   fused linear DPO loss.
 
-Every point (suite x method x shape x dtype) runs in a fresh subprocess (``benchmarks.probe``):
-a warm-up call, one call whose peak extra resident memory is measured, ``--rounds`` timed calls
-(the median is reported) and the largest per-sequence error against float64. All points of
-one invocation are taken side by side, and every ratio in the outputs is computed from rows
-of that same invocation. Outputs, in ``--out`` (default ``benchmarks/results``):
-``report.json`` (raw rows plus machine, library versions and timestamp), ``report.csv``,
-``report.md`` (a compact table per suite, which the README embeds, then every point) and PNG charts of time and memory against
+Each suite's sweep (``Suite.sweeps``) is a line of vocabulary sizes at one sequence length and a
+line of sequence lengths at one vocabulary. Every point (suite x method x shape x dtype) runs in
+a fresh subprocess (``benchmarks.probe``): a warm-up call, one call whose peak extra resident
+memory is measured, ``--rounds`` timed calls (the median is reported) and the largest
+per-sequence error against float64. All points of one invocation are taken side by side, and
+every ratio in the outputs is computed from rows of that same invocation, against the suite's
+baseline. Outputs, in ``--out`` (default ``benchmarks/results``): ``report.json`` (raw rows
+plus machine, library versions and timestamp), ``report.csv``, ``report.md`` (a compact table
+per suite, which the README embeds, then every point) and PNG charts of time and memory against
 vocabulary size and sequence length, one line per method, one pair of charts per suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import datetime
 import importlib.metadata
@@ -34,52 +37,39 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 
 from benchmarks.probe import probe_in_subprocess
+from benchmarks.suite import DTYPES
+from benchmarks.suites import SUITES
 
 PAIRS = 2
-SUITES = ("logits", "linear")
-# The row every other row of a suite is compared with: the plain, unfused pipeline.
-BASELINE = {"logits": "reference", "linear": "unfused-reference"}
-DESCRIPTION = {
-    "logits": f"Per-sequence log-probs from `[2x{PAIRS}, T, V]` logits, forward+backward",
-    "linear": f"DPO loss from `[2x{PAIRS}, T, H]` hidden states and a `[V, H]` LM head (policy + reference), "
-    "forward+backward",
-}
+# Column headings of a shape's numbers (``pairs`` is fixed at PAIRS and not shown).
+SYMBOLS = {"seq_len": "T", "hidden": "H", "vocab": "V"}
 
 
 def sweep(quick: bool) -> dict:
-    """Per suite: which vocabularies and sequence lengths to run; the crossing point is in both lines."""
-    if quick:
-        return {
-            "logits": {"vocabs": [32000, 128256], "seq_lens": [128, 256], "fixed_seq": 256,
-                       "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
-            "linear": {"hidden": 256, "vocabs": [32000, 128256], "seq_lens": [64, 128], "fixed_seq": 64,
-                       "fixed_vocab": 32000, "dtypes": ["float32", "bfloat16"], "rounds": 3},
-        }  # fmt: skip
-    return {
-        "logits": {"vocabs": [32000, 128256, 256000], "seq_lens": [256, 512, 1024, 2048], "fixed_seq": 512,
-                   "fixed_vocab": 128256, "dtypes": ["float32", "bfloat16"], "rounds": 5},
-        "linear": {"hidden": 2048, "vocabs": [32000, 128256, 256000], "seq_lens": [256, 512, 1024, 2048],
-                   "fixed_seq": 1024, "fixed_vocab": 128256, "dtypes": ["float32", "bfloat16"], "rounds": 3},
-    }  # fmt: skip
+    """Per suite: which vocabularies and sequence lengths to run (a copy the caller may edit)."""
+    size = "quick" if quick else "full"
+    return {name: dict(copy.deepcopy(s.sweeps[size]), dtypes=list(s.dtypes)) for name, s in SUITES.items()}
 
 
 def points(suite: str, plan: dict) -> list[tuple[int, ...]]:
-    """Probe shapes: ``(pairs, T, V)`` for logits, ``(pairs, T, H, V)`` for linear."""
+    """Probe shapes, in the suite's ``dims``: the vocabulary line, then the sequence-length line
+    (the crossing point once). Dims other than pairs, seq_len and vocab come from the plan."""
     seq_vocab = [(plan["fixed_seq"], v) for v in plan["vocabs"]]
     seq_vocab += [(t, plan["fixed_vocab"]) for t in plan["seq_lens"]]
-    middle = (plan["hidden"],) if suite == "linear" else ()
-    return [(PAIRS, t, *middle, v) for t, v in dict.fromkeys(seq_vocab)]
+    dims = SUITES[suite].dims
+    return [
+        tuple(dict(plan, pairs=PAIRS, seq_len=t, vocab=v)[d] for d in dims)
+        for t, v in dict.fromkeys(seq_vocab)
+    ]
 
 
 def suite_methods(suite: str) -> tuple[list[str], list[str]]:
     """(runnable methods, missing peers) of a suite; the report times forward+backward only."""
-    from benchmarks import linear_methods, methods
-
-    module = linear_methods if suite == "linear" else methods
-    forward_only = getattr(module, "FORWARD_ONLY", set())
-    return [m for m in module.available_methods() if m not in forward_only], module.missing_methods()
+    s = SUITES[suite]
+    return [m for m in s.available() if m not in s.forward_only], s.missing()
 
 
 def machine_info() -> dict:
@@ -99,7 +89,7 @@ def machine_info() -> dict:
         (line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []
     )
     return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_features": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
         "cores": os.cpu_count(),
@@ -111,50 +101,60 @@ def machine_info() -> dict:
 
 
 def _shape_fields(suite: str, shape: tuple[int, ...]) -> dict:
-    fields = dict(suite=suite, pairs=shape[0], seq_len=shape[1], vocab=shape[-1])
-    if suite == "linear":
-        fields["hidden"] = shape[2]
-    return fields
+    return dict(suite=suite, **dict(zip(SUITES[suite].dims, shape)))
+
+
+def _dims_label(suite: str, shape: tuple[int, ...]) -> str:
+    return " ".join(f"{SYMBOLS.get(d, d)}={n}" for d, n in zip(SUITES[suite].dims, shape) if d != "pairs")
 
 
 def run(plans: dict, methods: dict[str, list[str]], log=print) -> list[dict]:
     rows = []
-    todo = [(suite, s, d, m) for suite, plan in plans.items() for s in points(suite, plan)
-            for d in plan["dtypes"] for m in methods[suite]]  # fmt: skip
+    todo = [
+        (suite, shape, dtype, method)
+        for suite, plan in plans.items()
+        for shape in points(suite, plan)
+        for dtype in plan["dtypes"]
+        for method in methods[suite]
+    ]
+    truths = tempfile.TemporaryDirectory()  # one float64 ground truth per point, shared by its methods
     for i, (suite, shape, dtype, method) in enumerate(todo, 1):
-        dims = f"T={shape[1]} " + (f"H={shape[2]} " if suite == "linear" else "") + f"V={shape[-1]}"
-        label = f"[{i}/{len(todo)}] {suite:6s} {method:28s} {dims} {dtype:8s}"
+        label = f"[{i}/{len(todo)}] {suite:6s} {method:28s} {_dims_label(suite, shape)} {dtype:8s}"
+        rounds, truth = (
+            plans[suite]["rounds"],
+            os.path.join(truths.name, _dims_label(suite, shape) + f" {dtype}.pt"),
+        )
         try:
             r = probe_in_subprocess(
-                method,
-                shape,
-                dtype,
-                "forward_backward",
-                rounds=plans[suite]["rounds"],
-                error=True,
-                suite=suite,
+                suite, method, shape, dtype, "forward_backward", rounds=rounds, error=True, truth_file=truth
             )
         except Exception as exc:  # one failing point must not sink the report: record it
             log(f"{label} FAILED: {str(exc).splitlines()[-1] if str(exc) else exc}")
-            rows.append(
-                dict(method=method, dtype=dtype, **_shape_fields(suite, shape), error_message=str(exc)[-500:])
-            )
+            fields = _shape_fields(suite, shape)
+            rows.append(dict(method=method, dtype=dtype, **fields, error_message=str(exc)[-500:]))
             continue
         log(
-            f"{label} {r['median_s'] * 1000:9.1f} ms  {r['peak_extra_x_logits']:.2f}x logits  err {r['max_abs_error']:.1e}"
+            f"{label} {r['median_s'] * 1000:9.1f} ms  {r['peak_extra_x_logits']:.2f}x logits  "
+            f"err {r['max_abs_error']:.1e}"
         )
         rows.append(dict(method=method, dtype=dtype, **_shape_fields(suite, shape), **r))
+    truths.cleanup()
     add_ratios(rows)
     return rows
 
 
+def _shown_dims(suite: str) -> tuple[str, ...]:
+    return tuple(d for d in SUITES[suite].dims if d != "pairs")
+
+
 def _point(r: dict) -> tuple:
-    return r["suite"], r["seq_len"], r.get("hidden"), r["vocab"], r["dtype"]
+    """Where a row was measured: suite, the shown dims (seq_len, [hidden,] vocab), dtype."""
+    return (r["suite"], *(r[d] for d in _shown_dims(r["suite"])), r["dtype"])
 
 
 def add_ratios(rows: list[dict]) -> None:
     """Speed-up over the suite's baseline at the same point, from rows of this run only."""
-    base = {_point(r): r.get("median_s") for r in rows if r["method"] == BASELINE[r["suite"]]}
+    base = {_point(r): r.get("median_s") for r in rows if r["method"] == SUITES[r["suite"]].baseline}
     for r in rows:
         b = base.get(_point(r))
         r["speedup_vs_baseline"] = round(b / r["median_s"], 2) if b and r.get("median_s") else None
@@ -172,6 +172,15 @@ def _missing_line(missing: list[str]) -> list[str]:
     return ["", "Not measured (not installed here): " + ", ".join(missing) + "."] if missing else []
 
 
+def _heading(suite: str) -> str:
+    return SUITES[suite].description.format(pairs=PAIRS)
+
+
+def _row(cells) -> str:
+    """A markdown table row; an empty cell is ``| |``."""
+    return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+
+
 def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
     lines = [
         f"Machine: {info['cpu']} ({', '.join(info['cpu_features'])}), {info['cores']} cores, "
@@ -180,37 +189,28 @@ def markdown(rows: list[dict], info: dict, missing: list[str]) -> str:
         "suite, of what the logits would take); error is the largest per-sequence log-prob error against float64.",
     ]
     for suite, chosen in _by_suite(rows):
-        linear = suite == "linear"
+        dims = _shown_dims(suite)
+        working = SUITES[suite].returned_grad_bytes is not None
+        values = ["time (ms)", "vs baseline", "peak extra memory"]
+        values += ["without returned grads"] if working else []
+        values += ["error vs float64"]
+        columns = [SYMBOLS.get(d, d) for d in dims] + ["dtype", "method"] + values
         lines += [
             "",
-            f"**{suite}**: {DESCRIPTION[suite]}, ~30% of labels ignored. Baseline: `{BASELINE[suite]}`.",
+            f"**{suite}**: {_heading(suite)}, ~30% of labels ignored. Baseline: `{SUITES[suite].baseline}`.",
             "",
-            "| T | "
-            + ("H | " if linear else "")
-            + "V | dtype | method | time (ms) | vs baseline | peak extra memory | "
-            + ("without returned grads | " if linear else "")
-            + "error vs float64 |",
-            "|---|"
-            + ("---|" if linear else "")
-            + "---|---|---|---|---|---|"
-            + ("---|" if linear else "")
-            + "---|",
+            _row(columns),
+            "|" + "---|" * len(columns),
         ]
         for r in sorted(chosen, key=lambda r: (*_point(r)[1:], r.get("median_s") or 1e9)):
-            head = (
-                f"| {r['seq_len']} | "
-                + (f"{r['hidden']} | " if linear else "")
-                + f"{r['vocab']} | {r['dtype']} | {r['method']} |"
-            )
+            head = [r[d] for d in dims] + [r["dtype"], r["method"]]
             if "median_s" not in r:
-                lines.append(head + " failed |" + " |" * (5 if linear else 4))
+                lines.append(_row(head + ["failed"] + [""] * (len(values) - 1)))
                 continue
             ratio = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else ""
-            working = f" {r['working_extra_x_logits']:.3f}x |" if linear else ""
-            lines.append(
-                head + f" {r['median_s'] * 1000:.4g} | {ratio} | {r['peak_extra_x_logits']:.3f}x |{working} "
-                f"{r['max_abs_error']:.1e} |"
-            )
+            cells = [f"{r['median_s'] * 1000:.4g}", ratio, f"{r['peak_extra_x_logits']:.3f}x"]
+            cells += [f"{r['working_extra_x_logits']:.3f}x"] if working else []
+            lines.append(_row(head + cells + [f"{r['max_abs_error']:.1e}"]))
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
@@ -238,29 +238,18 @@ def summary(rows: list[dict], info: dict, missing: list[str]) -> str:
         by_point: dict[tuple, dict] = {}
         for r in chosen:
             by_point.setdefault(_point(r), {})[r["method"]] = r
-        linear = suite == "linear"
-        lines += ["", f"**{suite}** — {DESCRIPTION[suite]}. Baseline: `{BASELINE[suite]}`.", ""]
-        lines.append(
-            "| T | "
-            + ("H | " if linear else "")
-            + "V | dtype | "
-            + " | ".join(f"`{m}`" for m in methods)
-            + " |"
-        )
-        lines.append("|---" * (4 + linear + len(methods) - 1) + "|")
+        dims = _shown_dims(suite)
+        lines += ["", f"**{suite}** — {_heading(suite)}. Baseline: `{SUITES[suite].baseline}`.", ""]
+        lines.append(_row([SYMBOLS.get(d, d) for d in dims] + ["dtype"] + [f"`{m}`" for m in methods]))
+        lines.append("|---" * (len(dims) + 1 + len(methods)) + "|")
         for point in sorted(by_point):
-            _, t, h, v, dtype = point
-            head = f"| {t} | " + (f"{h} | " if linear else "") + f"{v} | {dtype} | "
-            lines.append(head + " | ".join(_cell(by_point[point].get(m)) for m in methods) + " |")
-        worst = {m: max((r["max_abs_error"] for r in chosen if r["method"] == m and "max_abs_error" in r),
-                        default=None) for m in methods}  # fmt: skip
-        lines.append(
-            "| worst error vs float64 | "
-            + ("| " if linear else "")
-            + "| | "
-            + " | ".join(f"{e:.1e}" if e is not None else "" for e in worst.values())
-            + " |"
-        )
+            lines.append(_row([*point[1:], *(_cell(by_point[point].get(m)) for m in methods)]))
+        errors = {
+            m: [r["max_abs_error"] for r in chosen if r["method"] == m and "max_abs_error" in r]
+            for m in methods
+        }
+        worst = [f"{max(e):.1e}" if e else "" for e in errors.values()]
+        lines.append(_row(["worst error vs float64"] + [""] * len(dims) + worst))
     return "\n".join(lines + _missing_line(missing)) + "\n"
 
 
@@ -295,8 +284,8 @@ def charts(rows: list[dict], plans: dict, out: pathlib.Path) -> list[pathlib.Pat
                 2, len(plan["dtypes"]), figsize=(5.5 * len(plan["dtypes"]), 8), squeeze=False
             )
             for col, dtype in enumerate(plan["dtypes"]):
-                sel = [r for r in rows if r["suite"] == suite and r["dtype"] == dtype and r[fixed_key] == fixed
-                       and "median_s" in r]  # fmt: skip
+                here = (suite, dtype, fixed)
+                sel = [r for r in rows if (r["suite"], r["dtype"], r[fixed_key]) == here and "median_s" in r]
                 for method in dict.fromkeys(r["method"] for r in sel):
                     pts = sorted((r[axis], r) for r in sel if r["method"] == method)
                     xs = [p[0] for p in pts]
@@ -323,30 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small sweep, a few minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="small sweep, several minutes on 2 cores")
     parser.add_argument("--suites", nargs="*", choices=SUITES, default=list(SUITES), help="default: both")
     parser.add_argument("--out", default="benchmarks/results", help="output folder (default: %(default)s)")
     parser.add_argument("--methods", nargs="*", help="subset of methods to run (default: all available)")
     parser.add_argument("--vocabs", nargs="*", type=int, help="override the vocabulary sizes of the sweep")
     parser.add_argument("--seq-lens", nargs="*", type=int, help="override the sequence lengths of the sweep")
     parser.add_argument("--hidden", type=int, help="override the hidden size of the linear suite")
-    parser.add_argument(
-        "--dtypes", nargs="*", choices=["float32", "bfloat16", "float16"], help="override the dtypes"
-    )
+    parser.add_argument("--dtypes", nargs="*", choices=list(DTYPES), help="override the dtypes")
     parser.add_argument("--rounds", type=int, help="timed calls per point (the median is reported)")
     parser.add_argument("--readme", help="also rewrite the benchmark block of this README (e.g. README.md)")
     args = parser.parse_args(argv)
 
     plans = {suite: plan for suite, plan in sweep(args.quick).items() if suite in args.suites}
-    from benchmarks.linear_methods import bf16_matmul_is_native
-
-    if "linear" in plans and not args.dtypes and not bf16_matmul_is_native():
-        plans["linear"]["dtypes"] = ["float32"]
-        print(
-            "note: linear suite in float32 only: this CPU has no native bfloat16 matmul, so the bf16 peers "
-            "would take hours (pass --dtypes bfloat16 to run them anyway)",
-            file=sys.stderr,
-        )
+    for suite, plan in plans.items():
+        for dtype, reason in SUITES[suite].slow_dtypes().items():
+            if not args.dtypes and dtype in plan["dtypes"]:
+                plan["dtypes"] = [d for d in plan["dtypes"] if d != dtype]
+                print(
+                    f"note: {suite} suite without {dtype}: {reason}; it would take hours "
+                    f"(pass --dtypes {dtype} to run it anyway)",
+                    file=sys.stderr,
+                )
     methods, missing = {}, []
     for suite in plans:
         runnable, absent = suite_methods(suite)
@@ -358,8 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in missing:
         print(f"missing: {m}", file=sys.stderr)
     for plan in plans.values():
-        for key, value in (("vocabs", args.vocabs), ("seq_lens", args.seq_lens), ("dtypes", args.dtypes),
-                           ("rounds", args.rounds), ("hidden", args.hidden)):  # fmt: skip
+        overrides = dict(
+            vocabs=args.vocabs,
+            seq_lens=args.seq_lens,
+            dtypes=args.dtypes,
+            rounds=args.rounds,
+            hidden=args.hidden,
+        )
+        for key, value in overrides.items():
             if value and key in plan:
                 plan[key] = value
         if args.vocabs:

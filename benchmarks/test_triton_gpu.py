@@ -2,12 +2,15 @@
 
     pytest benchmarks/test_triton_gpu.py --benchmark-only --benchmark-group-by=group
 
-``test_sequence_logps_gpu`` times per-sequence log-probs from logits: fastdpo's triton kernels
-against the naive reference, ``torch.compile`` of it and TRL's fused Triton log-prob kernel
+Inputs, ``run_once`` and the method signature are the suites' (``benchmarks/suite.py``), at the
+full shapes, moved to the GPU. ``test_sequence_logps_gpu`` times per-sequence log-probs from
+logits (the ``logits`` suite): fastdpo's triton kernels against the naive implementation,
+``torch.compile`` of it and TRL's fused Triton log-prob kernel
 (``trl.kernels.selective_log_softmax_and_entropy`` with its row mask; it also computes the
 entropy, which TRL's trainer uses). ``test_dpo_loss_from_hidden_gpu`` times a whole DPO loss
-from hidden states: the LM-head matmul + fastdpo's ``DPOLoss`` (triton, in-place backward)
-against Liger's chunked ``LigerFusedLinearDPOLoss``.
+from hidden states (the ``linear`` suite's inputs at a Llama-3-8B head): the LM-head matmul +
+fastdpo's ``DPOLoss`` (triton, in-place backward) against Liger's chunked
+``LigerFusedLinearDPOLoss``.
 
 Each point's ``extra_info`` holds the bytes the operation must move at least (the logits of
 counted rows read once, the gradient written once; docs/triton.md) divided by the median time,
@@ -23,9 +26,12 @@ import statistics
 import pytest
 import torch
 
-from benchmarks.methods import DTYPES, SHAPES, make_inputs, run_once
-from fastdpo import DPOLoss, sequence_logps
-from fastdpo.naive import naive_sequence_logps
+from benchmarks.linear_suite import liger_dpo, unfused
+from benchmarks.suite import Inputs, Output, run_once
+from benchmarks.suites import SUITES
+from fastdpo import sequence_logps
+
+LOGITS, LINEAR = SUITES["logits"], SUITES["linear"]
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -37,11 +43,26 @@ ROUNDS = int(os.environ.get("FASTDPO_BENCH_ROUNDS", "10"))
 # Peak DRAM bandwidth in GB/s (vendor data sheets); the longest name contained in
 # torch.cuda.get_device_name() wins, so "A100-SXM4-80GB" beats "A100".
 PEAK_GBPS = {
-    "H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "GH200": 4000,
-    "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "A10G": 600, "A10": 600,
-    "L40S": 864, "L40": 864, "L4": 300, "RTX 4090": 1008, "RTX 3090": 936, "V100": 900, "T4": 320,
-    "MI300X": 5300, "MI250X": 3277,
-}  # fmt: skip
+    "H200": 4800,
+    "H100 NVL": 3900,
+    "H100 PCIe": 2000,
+    "H100": 3350,
+    "GH200": 4000,
+    "A100-SXM4-80GB": 2039,
+    "A100 80GB PCIe": 1935,
+    "A100": 1555,
+    "A10G": 600,
+    "A10": 600,
+    "L40S": 864,
+    "L40": 864,
+    "L4": 300,
+    "RTX 4090": 1008,
+    "RTX 3090": 936,
+    "V100": 900,
+    "T4": 320,
+    "MI300X": 5300,
+    "MI250X": 3277,
+}
 
 
 def peak_gbps(device_name: str) -> float | None:
@@ -76,28 +97,27 @@ def bandwidth_info(nbytes: int, seconds: float) -> dict:
     )
 
 
-def _trl_fused(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _trl_fused(x: Inputs) -> Output:
     from trl.kernels import selective_log_softmax_and_entropy
 
-    target = labels[:, 1:]
+    target = x["labels"][:, 1:]
     mask = target != -100
-    logps, _entropy = selective_log_softmax_and_entropy(logits[:, :-1], target.clamp(min=0), row_mask=mask)
-    return (logps * mask).sum(-1)
+    logps, _entropy = selective_log_softmax_and_entropy(
+        x["logits"][:, :-1], target.clamp(min=0), row_mask=mask
+    )
+    logps = (logps * mask).sum(-1)
+    return Output(logps.sum(), logps)
 
 
-_compiled = {}
-
-
-def _reference_compiled(logits, labels):
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(naive_sequence_logps, dynamic=False)
-    return _compiled["fn"](logits, labels)
+def _fastdpo_triton(x: Inputs) -> Output:
+    logps = sequence_logps(x["logits"], x["labels"], backend="triton")
+    return Output(logps.sum(), logps)
 
 
 METHODS = {
-    "fastdpo-triton": lambda x, y: sequence_logps(x, y, backend="triton"),
-    "reference": naive_sequence_logps,
-    "reference-compiled": _reference_compiled,
+    "fastdpo-triton": _fastdpo_triton,
+    "naive": LOGITS.methods["naive"],
+    "naive-compiled": LOGITS.methods["naive-compiled"],
     "trl-fused-kernel": _trl_fused,
 }
 
@@ -107,73 +127,45 @@ def _synchronized(fn, *args):
     torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module", params=[(s, d) for s in SHAPES for d in DTYPES], ids=lambda p: "-".join(p))
+def _cuda(inputs: Inputs) -> Inputs:
+    return {key: x.cuda() for key, x in inputs.items()}
+
+
+@pytest.fixture(
+    scope="module", params=[(s, d) for s in LOGITS.shapes["full"] for d in LOGITS.dtypes], ids="-".join
+)
 def cuda_inputs(request):
     shape, dtype = request.param
-    logits, labels = make_inputs(SHAPES[shape], dtype)
-    return shape, dtype, logits.cuda(), labels.cuda()
+    return shape, dtype, _cuda(LOGITS.make_inputs(LOGITS.shapes["full"][shape], dtype))
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sequence_logps_gpu(benchmark, cuda_inputs, method, mode):
-    shape, dtype, logits, labels = cuda_inputs
+    shape, dtype, inputs = cuda_inputs
     benchmark.group = f"gpu {shape} {dtype} {mode}"
     benchmark.extra_info.update(shape=shape, dtype=dtype, mode=mode, method=method)
-    benchmark.pedantic(
-        _synchronized, args=(run_once, METHODS[method], logits, labels, mode),
-        rounds=ROUNDS, warmup_rounds=2, iterations=1,
-    )  # fmt: skip
+    args = (run_once, LOGITS, METHODS[method], inputs, mode)
+    benchmark.pedantic(_synchronized, args=args, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = statistics.median(benchmark.stats.stats.data)
-        benchmark.extra_info.update(bandwidth_info(minimum_bytes(logits, labels, mode), median))
+        benchmark.extra_info.update(
+            bandwidth_info(minimum_bytes(inputs["logits"], inputs["labels"], mode), median)
+        )
 
 
 # (pairs, T, hidden, V): a Llama-3-8B head.
 HIDDEN_SHAPE = (2, 512, 4096, 128256)
+HIDDEN_METHODS = {"fastdpo-triton": unfused("triton"), "liger-chunked-dpo": liger_dpo}
 
 
-def _dpo_inputs():
-    pairs, t, h, v = HIDDEN_SHAPE
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2 * pairs, t, h, generator=gen).bfloat16().cuda()
-    weight = (torch.randn(v, h, generator=gen) / h**0.5).bfloat16().cuda()
-    labels = torch.randint(0, v, (2 * pairs, t), generator=gen)
-    labels[:, : t // 4] = -100  # prompt tokens
-    return hidden, weight, labels.cuda()
-
-
-def _fastdpo_step(hidden, weight, labels, ref_hidden):
-    loss_fn = DPOLoss(backend="triton", shift=False, inplace_backward=True)
-    with torch.no_grad():
-        ref_logits = ref_hidden @ weight.T
-    loss_fn(hidden @ weight.T, labels, ref_logits).loss.backward()
-
-
-def _liger_step(hidden, weight, labels, ref_hidden):
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-
-    loss, _aux = LigerFusedLinearDPOLoss(use_ref_model=True)(weight, hidden, labels, ref_input=ref_hidden,
-                                                              ref_weight=weight.detach())  # fmt: skip
-    loss.backward()
-
-
-@pytest.mark.parametrize("method", ["fastdpo-triton", "liger-chunked-dpo"])
+@pytest.mark.parametrize("method", list(HIDDEN_METHODS))
 def test_dpo_loss_from_hidden_gpu(benchmark, method):
-    hidden, weight, labels = _dpo_inputs()
-    ref_hidden = hidden + 0.01 * torch.randn_like(hidden)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(True)
-    step = _fastdpo_step if method == "fastdpo-triton" else _liger_step
+    inputs = _cuda(LINEAR.make_inputs(HIDDEN_SHAPE, "bfloat16"))
     benchmark.group = f"gpu dpo-loss-from-hidden {HIDDEN_SHAPE} bfloat16 forward_backward"
     benchmark.extra_info.update(shape=HIDDEN_SHAPE, method=method)
-    benchmark.pedantic(
-        _synchronized,
-        args=(step, hidden, weight, labels, ref_hidden),
-        rounds=ROUNDS,
-        warmup_rounds=2,
-        iterations=1,
-    )
+    args = (run_once, LINEAR, HIDDEN_METHODS[method], inputs, "forward_backward")
+    benchmark.pedantic(_synchronized, args=args, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     torch.cuda.reset_peak_memory_stats()
-    _synchronized(step, hidden, weight, labels, ref_hidden)
+    _synchronized(*args)
     benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()

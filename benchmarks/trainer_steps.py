@@ -1,26 +1,29 @@
 """One DPO training step of fastdpo's DPOTrainer and of TRL 1.16's DPOTrainer, set up identically.
 
-    python -m benchmarks.trainer_steps fastdpo|trl --rounds K [--dir DIR]
-    python -m benchmarks.trainer_steps compare --rounds K    # both, each in a fresh process, and the ratios
+    python -m benchmarks.trainer_steps METHOD --rounds K [--size quick|full] [--dir DIR]
+    python -m benchmarks.trainer_steps compare --rounds K [--size full]  # fastdpo and TRL, fresh processes, ratios
 
-prints one JSON line measured in this (fresh) process: the peak resident memory of three training
-steps above what the process held once the models, data and trainer were built
-(``step_peak_bytes``: activations, gradients, AdamW's state, loss buffers; measured this way
-because the allocator keeps freed pages, so a later step alone can look free), the resident memory
-before the first step (``loaded_rss_bytes``), the process's peak (``peak_rss_bytes``), and the
-times of ``K`` further steps and their median.
+(METHOD: a key of ``STEPS``) prints one JSON line measured in this (fresh) process: the peak
+resident memory of three training steps above what the process held once the models, data and
+trainer were built (``step_peak_bytes``: activations, gradients, AdamW's state, loss buffers;
+measured this way because the allocator keeps freed pages, so a later step alone can look free),
+the resident memory before the first step (``loaded_rss_bytes``), the process's peak
+(``peak_rss_bytes``), and the times of ``K`` further steps and their median.
 
 Both trainers get the same GPT-2 (built from a config, saved, reloaded with ``from_pretrained``),
 the same frozen reference model (loaded from the same directory), the same data (every pair is
-96 prompt tokens + 160 completion tokens with EOS, so batches pad the same whatever the order),
-float32, no gradient checkpointing, dropout off, AdamW at the same learning rate, gradient
-clipping at 1.0, the same batch size and max_length. A step is forward and backward of policy
-and reference on one batch, clipping, the optimizer and scheduler steps, zeroing the gradients.
+``prompt`` prompt tokens + ``completion`` completion tokens and EOS, so batches pad the same
+whatever the order), float32, no gradient checkpointing, dropout off, AdamW at the same learning
+rate, gradient clipping at 1.0, the same batch size and max_length; ``SETUPS`` holds the sizes
+(``full``: 4 layers, hidden 256, vocabulary 32000, batches of 4 pairs of 256 tokens). A step is
+forward and backward of policy and reference on one batch, clipping, the optimizer and scheduler
+steps, zeroing the gradients. Adding a trainer is one entry in ``STEPS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import pathlib
@@ -32,38 +35,96 @@ import torch
 
 from benchmarks.probe import status_kb
 
-MODEL = dict(n_layer=4, n_embd=256, n_head=4, n_positions=512)
-VOCAB, PAIRS, BATCH, PROMPT, COMPLETION, MAX_LENGTH, LR = 32000, 16, 4, 96, 159, 256, 1e-5
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Model, data and batch sizes of one trainer benchmark."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab: int
+    pairs: int  # in the dataset
+    batch: int  # pairs per step
+    prompt: int  # tokens per prompt
+    completion: int  # tokens per completion, before EOS
+    max_length: int
+    max_prompt_length: int
+    lr: float = 1e-5
 
 
-def make_assets(directory: pathlib.Path) -> pathlib.Path:
-    """Word-level tokenizer of VOCAB words, the GPT-2 and the pairs, saved in ``directory``."""
+SETUPS = {
+    "quick": Setup(
+        n_layer=2,
+        n_embd=128,
+        n_head=4,
+        vocab=8000,
+        pairs=8,
+        batch=2,
+        prompt=48,
+        completion=79,
+        max_length=128,
+        max_prompt_length=64,
+    ),
+    "full": Setup(
+        n_layer=4,
+        n_embd=256,
+        n_head=4,
+        vocab=32000,
+        pairs=16,
+        batch=4,
+        prompt=96,
+        completion=159,
+        max_length=256,
+        max_prompt_length=128,
+    ),
+}
+SETUP_FILE = "bench_setup.json"
+
+
+def make_assets(directory: pathlib.Path, setup: Setup) -> pathlib.Path:
+    """Word-level tokenizer of ``setup.vocab`` words, the GPT-2 and the pairs, saved in ``directory``
+    with the setup itself (``bench_setup.json``), which the steps read back."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(VOCAB - 2)} | {"<eos>": VOCAB - 2, "<pad>": VOCAB - 1}
+    v = setup.vocab
+    words = {f"w{i}": i for i in range(v - 2)} | {"<eos>": v - 2, "<pad>": v - 1}
     core = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>")
     tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1,
-                        **MODEL)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=v,
+        bos_token_id=v - 2,
+        eos_token_id=v - 2,
+        pad_token_id=v - 1,
+        n_layer=setup.n_layer,
+        n_embd=setup.n_embd,
+        n_head=setup.n_head,
+        n_positions=2 * setup.max_length,
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     gen = torch.Generator().manual_seed(0)
 
     def text(n: int, lead: str) -> str:
-        return lead + " ".join(f"w{i}" for i in torch.randint(0, VOCAB - 2, (n,), generator=gen).tolist())
+        return lead + " ".join(f"w{i}" for i in torch.randint(0, v - 2, (n,), generator=gen).tolist())
 
     with open(directory / "pairs.jsonl", "w") as f:
-        for _ in range(PAIRS):
+        for _ in range(setup.pairs):
             record = {
-                "prompt": text(PROMPT, ""),
-                "chosen": text(COMPLETION, " "),
-                "rejected": text(COMPLETION, " "),
+                "prompt": text(setup.prompt, ""),
+                "chosen": text(setup.completion, " "),
+                "rejected": text(setup.completion, " "),
             }
             f.write(json.dumps(record) + "\n")
+    (directory / SETUP_FILE).write_text(json.dumps(dataclasses.asdict(setup)))
     return directory
+
+
+def load_setup(directory: pathlib.Path) -> Setup:
+    return Setup(**json.loads((directory / SETUP_FILE).read_text()))
 
 
 def _load(directory: pathlib.Path):
@@ -77,10 +138,19 @@ def fastdpo_step(directory: pathlib.Path, output_dir: str, fused_linear: bool | 
     """A zero-argument function running one optimizer step of fastdpo's DPOTrainer."""
     from fastdpo import DPOConfig, DPOTrainer
 
+    setup = load_setup(directory)
     model, ref_model, tokenizer = _load(directory)
-    config = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
-                       max_prompt_length=128, learning_rate=LR, max_steps=1000, progress_bar=False,
-                       metrics_file="", fused_linear=fused_linear)  # fmt: skip
+    config = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=setup.batch,
+        max_length=setup.max_length,
+        max_prompt_length=setup.max_prompt_length,
+        learning_rate=setup.lr,
+        max_steps=1000,
+        progress_bar=False,
+        metrics_file="",
+        fused_linear=fused_linear,
+    )
     trainer = DPOTrainer(model, tokenizer, str(directory / "pairs.jsonl"), config=config, ref_model=ref_model)
     trainer.model.train()
     steps = iter(range(10**9))
@@ -92,14 +162,28 @@ def trl_step(directory: pathlib.Path, output_dir: str):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    setup = load_setup(directory)
     model, ref_model, tokenizer = _load(directory)
     records = [json.loads(line) for line in (directory / "pairs.jsonl").read_text().splitlines()]
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
-                     learning_rate=LR, max_steps=1000, report_to=[], use_cpu=True, bf16=False,
-                     gradient_checkpointing=False, save_strategy="no", logging_steps=10**6,
-                     dataloader_num_workers=0, max_grad_norm=1.0)  # fmt: skip
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tokenizer)  # fmt: skip
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=setup.batch,
+        max_length=setup.max_length,
+        learning_rate=setup.lr,
+        max_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
+    data = Dataset.from_list(records)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
     trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before each step
     batches = iter(trainer.get_train_dataloader())
@@ -187,6 +271,9 @@ def main() -> None:
     parser.add_argument("method", choices=sorted(STEPS) + ["compare"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
+        "--size", choices=sorted(SETUPS), default="full", help="without --dir (default: full)"
+    )
+    parser.add_argument(
         "--dir", help="assets made by make_assets (default: make them in a temporary directory)"
     )
     args = parser.parse_args()
@@ -195,7 +282,7 @@ def main() -> None:
         print(json.dumps(run(pathlib.Path(args.dir), args.rounds)))
         return
     with tempfile.TemporaryDirectory() as directory:
-        print(json.dumps(run(make_assets(pathlib.Path(directory)), args.rounds)))
+        print(json.dumps(run(make_assets(pathlib.Path(directory), SETUPS[args.size]), args.rounds)))
 
 
 if __name__ == "__main__":

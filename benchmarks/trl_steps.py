@@ -1,18 +1,19 @@
 """One DPO training step of ``fastdpo.trl.DPOTrainer`` and of TRL 1.16's ``DPOTrainer``: the same
 trainer class hierarchy, model, data and ``DPOConfig``; only the import differs.
 
-    python -m benchmarks.trl_steps fastdpo_trl|trl --dtype float32|bfloat16 --rounds K [--dir DIR]
-    python -m benchmarks.trl_steps compare --rounds K    # both trainers, both dtypes, fresh processes
+    python -m benchmarks.trl_steps fastdpo_trl|trl --dtype float32|bfloat16 --rounds K [--size quick|full] [--dir DIR]
+    python -m benchmarks.trl_steps compare --rounds K [--size full]  # both trainers, both dtypes, fresh processes
 
 prints one JSON line measured in a fresh process, as benchmarks/trainer_steps.py does: the peak
 resident memory of three training steps above what the process held once everything was built
 (``step_peak_bytes``), the resident memory before the first step (``loaded_rss_bytes``), the
 process's peak (``peak_rss_bytes``), and the times of ``K`` further steps and their median.
 
-The set-up is benchmarks/trainer_steps.py's: GPT-2 4x256 built from a config, vocabulary 32000,
-16 pairs of 96 prompt + 159 completion tokens (+ EOS), batch of 4 pairs, max_length 256, the
-same frozen reference model loaded from the same directory, AdamW, gradient clipping at 1.0, no
-gradient checkpointing, dropout off. ``float32``: float32 weights and ``bf16=False``;
+The set-up is benchmarks/trainer_steps.py's (``SETUPS``, read back from the assets directory;
+``full``: GPT-2 4x256 built from a config, vocabulary 32000, 16 pairs of 96 prompt + 159
+completion tokens (+ EOS), batch of 4 pairs, max_length 256): the same frozen reference model
+loaded from the same directory, AdamW, gradient clipping at 1.0, no gradient checkpointing,
+dropout off. ``float32``: float32 weights and ``bf16=False``;
 ``bfloat16``: float32 weights under bfloat16 autocast (``bf16=True``, TRL's default).
 """
 
@@ -31,7 +32,7 @@ import time
 import torch
 
 from benchmarks.probe import status_kb
-from benchmarks.trainer_steps import BATCH, LR, MAX_LENGTH, make_assets
+from benchmarks.trainer_steps import SETUPS, load_setup, make_assets
 
 METHODS = ("fastdpo_trl", "trl")
 DTYPES = ("float32", "bfloat16")
@@ -48,10 +49,11 @@ def trl_step(method: str, dtype: str, directory: pathlib.Path, output_dir: str):
     else:
         from trl import DPOTrainer
 
+    setup = load_setup(directory)
     load = lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)  # noqa: E731
     records = [json.loads(line) for line in (directory / "pairs.jsonl").read_text().splitlines()]
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH,
-                     learning_rate=LR, max_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16",
+    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=setup.batch, max_length=setup.max_length,
+                     learning_rate=setup.lr, max_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16",
                      gradient_checkpointing=False, save_strategy="no", logging_steps=10**6,
                      dataloader_num_workers=0, max_grad_norm=1.0)  # fmt: skip
     trainer = DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=Dataset.from_list(records),
@@ -129,6 +131,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
+        "--size", choices=sorted(SETUPS), default="full", help="without --dir (default: full)"
+    )
+    parser.add_argument(
         "--dir", help="assets made by make_assets (default: make them in a temporary directory)"
     )
     args = parser.parse_args()
@@ -137,7 +142,7 @@ def main() -> None:
         print(json.dumps(run(pathlib.Path(args.dir), args.rounds)))
         return
     with tempfile.TemporaryDirectory() as directory:
-        print(json.dumps(run(make_assets(pathlib.Path(directory)), args.rounds)))
+        print(json.dumps(run(make_assets(pathlib.Path(directory), SETUPS[args.size]), args.rounds)))
 
 
 if __name__ == "__main__":

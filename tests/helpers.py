@@ -1,8 +1,18 @@
-"""Shared test inputs, ground truth and tolerances."""
+"""Shared test inputs, ground truth and tolerances.
+
+The random inputs and the float64 ground truth live in ``benchmarks/ground_truth.py`` (no fastdpo
+import), which the benchmarks use too; the tests know them by the names below.
+"""
 
 from __future__ import annotations
 
 import torch
+
+from benchmarks.ground_truth import float64_token_logps as ground_truth_token_logps
+from benchmarks.ground_truth import make_linear
+from benchmarks.ground_truth import make_logits as make_inputs
+
+__all__ = ["ground_truth_token_logps", "make_inputs", "make_linear"]
 
 # Every backend named here runs the whole parity suite; a new backend joins by adding its name.
 BACKENDS = ["torch", "native", "triton"]
@@ -14,25 +24,6 @@ LOGP_ATOL = {torch.float32: 2e-4, torch.bfloat16: 2e-4, torch.float16: 2e-4}
 GRAD_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-3), torch.float16: (2e-3, 1e-4)}
 
 
-def make_inputs(n, t, v, dtype=torch.float32, *, ignore_frac=0.3, ignore_index=-100, seed=0, scale=3.0):
-    """Random logits [n, t, v] and labels with about ``ignore_frac`` of positions ignored."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, t, v, generator=gen) * scale).to(dtype)
-    labels = torch.randint(0, v, (n, t), generator=gen)
-    labels[torch.rand(n, t, generator=gen) < ignore_frac] = ignore_index
-    return logits, labels
-
-
-def ground_truth_token_logps(logits, labels, *, ignore_index=-100, shift=True):
-    """float64 per-token log-probs: the exact answer for the given (rounded) logits."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != ignore_index
-    logps = torch.log_softmax(logits.double(), -1)
-    picked = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
-
-
 def ground_truth_grad(logits, labels, grad_tokens, *, ignore_index=-100, shift=True):
     """float64 gradient of sum(grad_tokens * token_logps) w.r.t. the logits."""
     x = logits.detach().double().requires_grad_(True)
@@ -42,10 +33,16 @@ def ground_truth_grad(logits, labels, grad_tokens, *, ignore_index=-100, shift=T
 
 
 def assert_close_verbose(actual, expected, *, atol, rtol=0.0, what=""):
-    """allclose that names the worst index when it fails."""
+    """allclose that names the worst index when it fails. Equal infinities and NaN where NaN is
+    expected match; any other NaN or infinity is an error (``err.max() > atol`` alone is False
+    for NaN, so a NaN output would pass)."""
     actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs() - rtol * expected.abs()
-    if actual.shape != expected.shape or err.max() > atol:
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    same = (actual == expected) | (actual.isnan() & expected.isnan())
+    err = torch.where(same, 0.0, (actual - expected).abs() - rtol * expected.abs())
+    err = torch.where(err.isnan(), torch.inf, err)
+    if err.numel() and err.max() > atol:
         worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
         raise AssertionError(
             f"{what}: max error {err.max().item():.3g} > atol {atol} at {worst}: "

@@ -15,11 +15,18 @@ def test_minimum_bytes_counts_counted_rows_once_and_the_gradient_once():
     assert minimum_bytes(logits, labels, "forward_backward") == forward + 24 * 100 + 36 * 100
 
 
-@pytest.mark.parametrize(
-    "name, gbps",
-    [("NVIDIA A100-SXM4-80GB", 2039), ("NVIDIA A100-SXM4-40GB", 1555), ("NVIDIA H100 PCIe", 2000),
-     ("NVIDIA H100 80GB HBM3", 3350), ("NVIDIA L40S", 864), ("NVIDIA L4", 300), ("Some New GPU", None)],
-)  # fmt: skip
+DEVICES = [
+    ("NVIDIA A100-SXM4-80GB", 2039),
+    ("NVIDIA A100-SXM4-40GB", 1555),
+    ("NVIDIA H100 PCIe", 2000),
+    ("NVIDIA H100 80GB HBM3", 3350),
+    ("NVIDIA L40S", 864),
+    ("NVIDIA L4", 300),
+    ("Some New GPU", None),
+]
+
+
+@pytest.mark.parametrize("name, gbps", DEVICES)
 def test_peak_bandwidth_by_device_name(monkeypatch, name, gbps):
     monkeypatch.delenv("FASTDPO_PEAK_GBPS", raising=False)
     assert peak_gbps(name) == gbps

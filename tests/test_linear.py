@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BACKENDS, DTYPES, GRAD_TOL, LOGP_ATOL, assert_close_verbose
+from helpers import (
+    BACKENDS,
+    DTYPES,
+    GRAD_TOL,
+    LOGP_ATOL,
+    assert_close_verbose,
+    ground_truth_token_logps,
+    make_linear,
+)
 
 from fastdpo import DPOLoss, FusedLinearDPOLoss, fused_linear_logps, fused_logps, linear_sequence_logps
 from fastdpo.backends import get_backend
@@ -21,26 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = [(4, 9, 16, 37, 5, 8), (2, 2, 8, 5, 64, 512), (6, 7, 24, 130, 4, 64), (2, 12, 5, 33, 7, 33)]
 
 
-def make_linear(n, t, h, v, dtype=torch.float32, *, bias=True, ignore_frac=0.3, seed=0, ignore_index=-100):
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, t, h, generator=gen).to(dtype)
-    weight = (torch.randn(v, h, generator=gen) * 0.7).to(dtype)
-    b = (torch.randn(v, generator=gen)).to(dtype) if bias else None
-    labels = torch.randint(0, v, (n, t), generator=gen)
-    labels[torch.rand(n, t, generator=gen) < ignore_frac] = ignore_index
-    return hidden, weight, b, labels
-
-
 def ground_truth(hidden, weight, bias, labels, w_tok, w_seq, *, ignore_index=-100, shift=True):
     """float64 token log-probs and gradients of sum(w_tok * tok) + sum(w_seq * seq)."""
     x = [z.detach().double().requires_grad_(True) if z is not None else None for z in (hidden, weight, bias)]
     logits = x[0] @ x[1].T + (x[2] if x[2] is not None else 0)
-    target = labels[:, 1:] if shift else labels
-    if shift:
-        logits = logits[:, :-1]
-    mask = target != ignore_index
-    tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    tok = torch.where(mask, tok, 0.0)  # selected away, not times 0: a masked logit is -inf
+    tok = ground_truth_token_logps(logits, labels, ignore_index=ignore_index, shift=shift)
     ((tok * w_tok.double()).sum() + (tok.sum(-1) * w_seq.double()).sum()).backward()
     return tok, [z.grad if z is not None else None for z in x]
 

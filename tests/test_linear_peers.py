@@ -6,7 +6,7 @@ import liger_kernel.chunked_loss as liger_dpo
 import pytest
 import torch
 import trl.kernels.chunked_logprob as trl_kernels
-from test_linear import make_linear
+from helpers import make_linear
 
 from fastdpo import FusedLinearDPOLoss, fused_linear_logps
 
@@ -73,10 +73,12 @@ def test_matches_trl_chunked_logprob(with_bias):
     theirs = [z.clone().requires_grad_(True) if z is not None else None for z in (hidden, weight, bias)]
     target = labels[:, 1:]
     mask = target != -100
-    per_token = trl_kernels.ChunkedLogProbFunction.apply(
-        theirs[0][:, :-1].reshape(-1, 16), theirs[1], theirs[2], target.clamp(min=0).reshape(-1),
-        1.0, 32, None, 1.0, (),
-    )[0].view(4, 10) * mask  # fmt: skip
+    rows, flat_target = theirs[0][:, :-1].reshape(-1, 16), target.clamp(min=0).reshape(-1)
+    # (hidden, weight, bias, labels, temperature, chunk width, then TRL's defaults)
+    out_trl = trl_kernels.ChunkedLogProbFunction.apply(
+        rows, theirs[1], theirs[2], flat_target, 1.0, 32, None, 1.0, ()
+    )
+    per_token = out_trl[0].view(4, 10) * mask
     (per_token * w_tok).sum().backward()
 
     torch.testing.assert_close(out.token_logps, per_token, atol=1e-5, rtol=1e-5)

@@ -333,3 +333,12 @@ def test_meta_and_misplaced_tensors_are_errors_that_name_the_argument():
         fused_logps(torch.empty(2, 5, 11, device="meta"), labels.to("meta"))
     with pytest.raises(ValueError, match="labels are on meta but logits are on cpu"):
         fused_logps(torch.randn(2, 5, 11), labels.to("meta"))
+
+
+def test_the_comparison_helper_fails_on_nan_and_unexpected_infinities():
+    # Every parity test goes through this helper: a NaN output must not slip through it.
+    nan, inf = float("nan"), float("inf")
+    for actual, expected in [([nan], [0.0]), ([inf], [1.0]), ([1.0], [inf]), ([1.0, 2.0], [1.0])]:
+        with pytest.raises(AssertionError):
+            assert_close_verbose(torch.tensor(actual), torch.tensor(expected), atol=1e-3, what="x")
+    assert_close_verbose(torch.tensor([-inf, nan, 1.0]), torch.tensor([-inf, nan, 1.0]), atol=0.0, what="x")

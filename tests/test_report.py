@@ -1,28 +1,30 @@
 """The benchmark report runs end to end on a tiny sweep and writes every output."""
 
+import dataclasses
 import json
 
 import pytest
 
 from benchmarks import report
+from benchmarks.suites import SUITES
 
 
 def test_report_writes_rows_tables_and_charts(tmp_path, capsys):
-    code = report.main(
-        ["--methods", "reference", "fastdpo-torch", "unfused-reference", "fastdpo-fused-linear-torch",
-         "--vocabs", "300", "--seq-lens", "16", "--hidden", "8", "--dtypes", "bfloat16", "--rounds", "2",
-         "--out", str(tmp_path)]
-    )  # fmt: skip
+    methods = ["naive", "fastdpo-torch", "unfused-naive", "fastdpo-fused-linear-torch"]
+    sizes = ["--vocabs", "300", "--seq-lens", "16", "--hidden", "8", "--dtypes", "bfloat16", "--rounds", "2"]
+    code = report.main(["--methods", *methods, *sizes, "--out", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "report.json").read_text())
     assert {"timestamp", "cpu", "cpu_features", "versions"} <= set(data["machine"])
     rows = {(r["suite"], r["method"]): r for r in data["rows"]}
     assert set(rows) == {
-        ("logits", "reference"), ("logits", "fastdpo-torch"),
-        ("linear", "unfused-reference"), ("linear", "fastdpo-fused-linear-torch"),
-    }  # fmt: skip
-    assert rows["logits", "reference"]["speedup_vs_baseline"] == 1.0
-    assert rows["linear", "unfused-reference"]["speedup_vs_baseline"] == 1.0
+        ("logits", "naive"),
+        ("logits", "fastdpo-torch"),
+        ("linear", "unfused-naive"),
+        ("linear", "fastdpo-fused-linear-torch"),
+    }
+    assert rows["logits", "naive"]["speedup_vs_baseline"] == 1.0
+    assert rows["linear", "unfused-naive"]["speedup_vs_baseline"] == 1.0
     assert len(rows["logits", "fastdpo-torch"]["times"]) == 2
     assert rows["logits", "fastdpo-torch"]["max_abs_error"] < 1e-3
     assert rows["linear", "fastdpo-fused-linear-torch"]["max_abs_error"] < 1e-3
@@ -60,12 +62,13 @@ def test_unknown_method_is_an_error(capsys):
 
 
 def test_missing_peers_are_reported_not_dropped(monkeypatch, tmp_path, capsys):
-    from benchmarks import linear_methods
-
-    monkeypatch.setattr(
-        linear_methods, "missing_methods", lambda: ["liger-fused-linear-dpo (liger_kernel not installed)"]
+    linear = SUITES["linear"]
+    _, liger = linear.peers["liger-fused-linear-dpo"]
+    peers = {**linear.peers, "liger-fused-linear-dpo": ("no_such_module_here", liger)}
+    monkeypatch.setitem(SUITES, "linear", dataclasses.replace(linear, peers=peers))
+    sizes = ["--vocabs", "50", "--seq-lens", "4", "--hidden", "4", "--dtypes", "float32", "--rounds", "1"]
+    report.main(
+        ["--suites", "linear", "--methods", "fastdpo-fused-linear-torch", *sizes, "--out", str(tmp_path)]
     )
-    report.main(["--suites", "linear", "--methods", "fastdpo-fused-linear-torch", "--vocabs", "50", "--seq-lens", "4",
-                 "--hidden", "4", "--dtypes", "float32", "--rounds", "1", "--out", str(tmp_path)])  # fmt: skip
-    assert "missing: liger-fused-linear-dpo" in capsys.readouterr().err
+    assert "missing: liger-fused-linear-dpo (no_such_module_here not installed)" in capsys.readouterr().err
     assert "Not measured (not installed here): liger-fused-linear-dpo" in (tmp_path / "report.md").read_text()
