@@ -11,6 +11,16 @@
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -151,6 +161,211 @@ void transpose_to(const float* x, int64_t rows_x, int64_t ldx, int64_t cols, op_
   }
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = rows_x; j < lda; ++j) out[i * lda + j] = op_t(0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the ops of csrc/fused_linear.cpp and csrc/fused_linear_chunk.cpp.
+
+using Vec = at::vec::Vectorized<float>;
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Which operands: bfloat16 brgemm needs oneDNN's ukernel and bf16 dot-product instructions.
+
+inline bool probe_bf16_brgemm() {
+  auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) { return caps.count(key) && caps.at(key).toBool(); };
+  if (!has("avx512_bf16") && !has("amx_bf16")) return false;
+  // A 2 x 16 x 2 product in the VNNI layout, checked exactly.
+  std::vector<at::BFloat16> a = {1.0f, 2.0f, 3.0f, 4.0f}, b(2 * 16 * 2);
+  for (int n = 0; n < 16; ++n) b[2 * n] = float(n), b[2 * n + 1] = 1.0f;
+  std::vector<float> c(2 * 16, -1.0f);
+  try {
+    at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int n = 0; n < 16; ++n)
+    if (c[n] != 1.0f * n + 2.0f || c[16 + n] != 3.0f * n + 4.0f) return false;
+  return true;
+}
+
+inline bool bf16_operands_available() {
+  static const bool probed = probe_bf16_brgemm();
+  return probed && at::globalContext().userEnabledMkldnn();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared views of the inputs.
+
+template <typename in_t>
+struct Problem {
+  const in_t* hidden;
+  int64_t hs0, hs1, H;
+  const in_t* weight;
+  int64_t ws0, V;
+  std::vector<float> bias;  // float32 copy, empty without bias
+  const int64_t *row_n, *row_t, *label;
+  int64_t C;
+
+  const in_t* hrow(int64_t c) const { return hidden + row_n[c] * hs0 + row_t[c] * hs1; }
+  const in_t* wrow(int64_t v) const { return weight + v * ws0; }
+};
+
+template <typename in_t>
+Problem<in_t> problem(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels) {
+  Problem<in_t> p{hidden.data_ptr<in_t>(), hidden.stride(0), hidden.stride(1), hidden.size(2),
+                  weight.data_ptr<in_t>(), weight.stride(0), weight.size(0), {},
+                  row_n.data_ptr<int64_t>(), row_t.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
+                  row_n.numel()};
+  if (bias.has_value()) {
+    p.bias.resize(p.V);
+    convert(bias->data_ptr<in_t>(), p.bias.data(), p.V);
+  }
+  return p;
+}
+
+// Run f(i0, count) over the lanes of r values, one vector at a time.
+template <typename F>
+inline void lanes(int64_t r, F f) {
+  for (int64_t i0 = 0; i0 < r; i0 += Vec::size()) f(i0, std::min<int64_t>(Vec::size(), r - i0));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A-operand rows of the weight block: the weight itself when the types agree, else converted.
+template <typename in_t, typename op_t>
+const op_t* weight_block(const Problem<in_t>& p, int64_t v0, int64_t vb, std::vector<op_t>& buf, int64_t& lda) {
+  if constexpr (std::is_same_v<in_t, op_t>) {
+    lda = p.ws0;
+    return p.wrow(v0);
+  } else {
+    for (int64_t j = 0; j < vb; ++j) convert(p.wrow(v0 + j), buf.data() + j * p.H, p.H);
+    lda = p.H;
+    return buf.data();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct RowState {  // per row of a row tile
+  std::vector<float> m, s_other, p_label, picked, logit_sum, tile_max, tile_sum, scale, m_ref;
+  std::vector<int64_t> local;  // label - v0 of the current block
+  explicit RowState(int64_t n)
+      : m(n), s_other(n), p_label(n), picked(n), logit_sum(n), tile_max(n), tile_sum(n), scale(n), m_ref(n),
+        local(n) {}
+};
+
+// Fold the float32 tile x^T [vb, ldx] (r live columns) of block v0 into the rows' state. On
+// return the tile holds exp(x - m_new) with the label entries zeroed.
+template <typename in_t>
+void fold_block(const Problem<in_t>& p, float* xT, int64_t vb, int64_t ldx, int64_t r, int64_t v0, int64_t c0,
+                RowState& st) {
+  std::fill_n(st.tile_max.begin(), r, -kInf);
+  for (int64_t j = 0; j < vb; ++j) {  // sweep 1: bias, max, logit sum
+    float* x = xT + j * ldx;
+    const Vec bj(p.bias.empty() ? 0.0f : p.bias[v0 + j]);
+    lanes(r, [&](int64_t i0, int64_t n) {
+      Vec v = Vec::loadu(x + i0, n);
+      if (!p.bias.empty()) {
+        v = v + bj;
+        v.store(x + i0, n);
+      }
+      at::vec::maximum(Vec::loadu(st.tile_max.data() + i0, n), v).store(st.tile_max.data() + i0, n);
+      (Vec::loadu(st.logit_sum.data() + i0, n) + v).store(st.logit_sum.data() + i0, n);
+    });
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    const int64_t y = p.label[c0 + i] - v0;
+    st.local[i] = (y >= 0 && y < vb) ? y : -1;
+    if (st.local[i] >= 0) {
+      st.picked[i] = xT[y * ldx + i];
+      xT[y * ldx + i] = -kInf;  // the label is summed apart (p_label), never in the GEMM
+    }
+    const float m_new = std::max(st.m[i], st.tile_max[i]);
+    // A row whose running max is still -inf has nothing to rescale; an all -inf block must
+    // not make exp(-inf - -inf) = NaN, so it is exponentiated against 0 (every term is 0).
+    st.scale[i] = st.m[i] == -kInf ? 0.0f : std::exp(st.m[i] - m_new);
+    st.m_ref[i] = m_new == -kInf ? 0.0f : m_new;
+    st.m[i] = m_new;
+  }
+  std::fill_n(st.tile_sum.begin(), r, 0.0f);
+  for (int64_t j = 0; j < vb; ++j) {  // sweep 2: exp(x - m) in place and its sum
+    float* x = xT + j * ldx;
+    lanes(r, [&](int64_t i0, int64_t n) {
+      const Vec e = (Vec::loadu(x + i0, n) - Vec::loadu(st.m_ref.data() + i0, n)).exp_u20();
+      e.store(x + i0, n);
+      (Vec::loadu(st.tile_sum.data() + i0, n) + e).store(st.tile_sum.data() + i0, n);
+    });
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    st.s_other[i] = st.s_other[i] * st.scale[i] + st.tile_sum[i];
+    st.p_label[i] *= st.scale[i];
+    if (st.local[i] >= 0) st.p_label[i] += std::exp(st.picked[i] - st.m_ref[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks and dispatch.
+
+inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels, int64_t row_tile,
+                  int64_t vocab_tile) {
+  CHECK_CPU(hidden);
+  CHECK_CPU(weight);
+  CHECK_DIM(hidden, 3);
+  CHECK_DIM(weight, 2);
+  CHECK_LAST_CONTIGUOUS(hidden);
+  TORCH_CHECK(weight.stride(1) == 1, "weight must have a contiguous last dimension");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32, bfloat16 or float16, got ", dt);
+  CHECK_DTYPE(weight, dt);
+  TORCH_CHECK(weight.size(1) == hidden.size(2) && weight.size(0) > 0 && weight.size(1) > 0,
+              "weight must be [V, H] with H = hidden.size(2) = ", hidden.size(2), ", got ", weight.sizes());
+  if (bias.has_value()) {
+    CHECK_CPU((*bias));
+    CHECK_DTYPE((*bias), dt);
+    CHECK_SHAPE((*bias), weight.size(0));
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+  const int64_t C = row_n.numel();
+  for (const at::Tensor* x : {&row_n, &row_t, &labels}) {
+    CHECK_CPU((*x));
+    CHECK_DTYPE((*x), at::kLong);
+    TORCH_CHECK(x->dim() == 1 && x->numel() == C && x->is_contiguous(),
+                "row_n, row_t and labels must be contiguous [C] tensors of one length");
+  }
+  TORCH_CHECK(row_tile >= 1 && vocab_tile >= 1, "row_tile and vocab_tile must be >= 1, got ", row_tile, ", ",
+              vocab_tile);
+  const int64_t *n = row_n.data_ptr<int64_t>(), *t = row_t.data_ptr<int64_t>(), *y = labels.data_ptr<int64_t>();
+  const int64_t N = hidden.size(0), T = hidden.size(1), V = weight.size(0);
+  for (int64_t c = 0; c < C; ++c) {
+    TORCH_CHECK(n[c] >= 0 && n[c] < N && t[c] >= 0 && t[c] < T, "row ", c, " (", n[c], ", ", t[c],
+                ") is outside hidden's [", N, ", ", T, "]");
+    TORCH_CHECK(y[c] >= 0 && y[c] < V, "label ", y[c], " of row ", c, " is outside [0, ", V, ")");
+  }
+}
+
+inline bool use_bf16(const at::Tensor& hidden, bool half_operands) {
+  return hidden.scalar_type() == at::kBFloat16 && half_operands && hidden.size(2) % 2 == 0 &&
+         bf16_operands_available();
+}
+
+enum class Operands { f32, bf16, bf16_as_f32, f16_as_f32 };
+
+inline Operands operands(const at::Tensor& hidden, bool half_operands) {
+  switch (hidden.scalar_type()) {
+    case at::kFloat:
+      return Operands::f32;
+    case at::kBFloat16:
+      return use_bf16(hidden, half_operands) ? Operands::bf16 : Operands::bf16_as_f32;
+    default:
+      return Operands::f16_as_f32;
+  }
 }
 
 }  // namespace fastdpo_linear
