@@ -10,8 +10,10 @@ states and head needing gradients for the policy) and the float64 ground truth a
 benchmarks/linear_methods.py. Methods:
 
 - ``fastdpo-native``: ``FusedLinearDPOLoss`` on the native kernel (bfloat16 GEMM operands where
-  the CPU has bf16 instructions); ``fastdpo-native-f32-operands`` the same forced to float32
-  operands (``FASTDPO_LINEAR_OPERANDS=float32``, the path of CPUs without bf16 instructions).
+  the CPU has bf16 instructions) with its default memory budget (no recompute when the chunk of
+  pairs fits); ``fastdpo-native-recompute`` the same with ``memory_budget_mib=0`` (4 GEMMs, no
+  logits kept); ``fastdpo-native-f32-operands`` the default forced to float32 operands
+  (``FASTDPO_LINEAR_OPERANDS=float32``, the path of CPUs without bf16 instructions).
 - ``fastdpo-tiles``: the previous fused linear loops (fastdpo/linear_tiles.py: torch matmuls in
   float32 per tile, the ``torch`` backend's tile kernels).
 - ``liger-eager``: Liger's ``LigerFusedLinearDPOLoss(compiled=False)``, one pair per chunk.
@@ -42,6 +44,7 @@ from benchmarks.probe import _steady_state_malloc, status_kb
 
 DEFAULT_METHODS = (
     "fastdpo-native",
+    "fastdpo-native-recompute",
     "fastdpo-native-f32-operands",
     "fastdpo-tiles",
     "liger-eager",
@@ -58,14 +61,28 @@ def _liger_eager(x):
     return loss, torch.cat([aux[0], aux[1]])
 
 
+def _fastdpo_native(budget_mib=None):
+    import fastdpo
+
+    options = {} if budget_mib is None else {"memory_budget_mib": budget_mib}
+    loss_fn = fastdpo.FusedLinearDPOLoss(beta=lm.BETA, backend="native", **options)
+
+    def run(x):
+        out = loss_fn(x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"])
+        return out.loss, torch.cat([out.policy_chosen_logps, out.policy_rejected_logps])
+
+    return run
+
+
 def method(name: str):
     """``fn(inputs) -> (loss, policy_logps)``; the forced-operand variant sets its variable here,
     in the probe process (the kernel reads it on every call)."""
     if name == "fastdpo-native-f32-operands":
         os.environ["FASTDPO_LINEAR_OPERANDS"] = "float32"
-        return lm._fastdpo("native")
+        return _fastdpo_native()
     table = {
-        "fastdpo-native": lambda: lm._fastdpo("native"),
+        "fastdpo-native": _fastdpo_native,
+        "fastdpo-native-recompute": lambda: _fastdpo_native(0.0),
         "fastdpo-tiles": lambda: lm._fastdpo("torch"),
         "liger-eager": lambda: _liger_eager,
         "trl-chunked-logprob": lambda: lm._trl,
