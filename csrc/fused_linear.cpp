@@ -23,10 +23,16 @@
 //   (GEMM 2), rescaled as m grows. At the end of the row, with s = s_other + p_label:
 //   lse = m + log s and d log p(label) / d h = W[label] * s_other / s - acc / s, written into
 //   hidden_grad. Keeping the label apart avoids the cancellation in W[label] - softmax . W
-//   when the label's probability is near 1 (exp(x - m) is rounded to bfloat16 for GEMM 2).
+//   when the label's probability is near 1.
 // Weight gradient, one task per vocabulary block, row tiles in order:
 //   x^T = W_block . h^T (GEMM 3), G^T = g * (onehot - exp(x - lse)) in place,
 //   grad_W_block += G^T [v, r] . h [r, H] (GEMM 4), grad_b += row sums of G^T.
+// With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16 where the
+// result is one row's (GEMM 2: each term carries 2^-8 relative error and the row's sum is of
+// the size of its terms, so the result stays at the level of its own bfloat16 rounding), and
+// split into bfloat16 hi + lo (two passes, 16 bits) where the result sums over rows (GEMM 4:
+// the head's gradient adds terms of both signs from thousands of rows and can be much smaller
+// than them, so 2^-8 per term would show; the parity tests saw 4% errors).
 // Every task computes its rows or its block alone in a fixed order, so results do not depend
 // on the number of threads. A row whose block is all -inf (masked vocabulary) adds nothing.
 
@@ -59,10 +65,7 @@ void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int6
     std::vector<op_t> hT(H * R), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
     std::vector<float> xT(VB * ldx), acc(grad ? R * H : 0);
     std::vector<op_t> pA(grad ? R * vbp : 0), tmp(2 * H);
-    // bfloat16 operands only: the float32 tile transposed, its lo part and the packed head block.
-    const int64_t vnni_grad = grad && kVnni<op_t>;
-    std::vector<op_t> pA_lo(vnni_grad ? R * vbp : 0), wB(vnni_grad ? vbp * H : 0);
-    std::vector<float> pF(vnni_grad ? R * vbp : 0), tmpf(vbp);
+    std::vector<op_t> wB(grad && kVnni<op_t> ? vbp * H : 0);  // the head block packed (bf16 operands)
     RowState st(R);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * R, r = std::min(R, p.C - c0);
@@ -84,13 +87,10 @@ void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int6
           at::vec::map([&](Vec x) { return x * s; }, a, a, H);
         }
         const int64_t k = pad_k<op_t>(vb);
-        if constexpr (kVnni<op_t>) {  // exp(x - m) as bfloat16 hi + lo: two passes of GEMM 2
-          transpose_to<float>(xT.data(), vb, ldx, r, pF.data(), k);
-          for (int64_t i = 0; i < r; ++i)
-            split_hi_lo(pF.data() + i * k, k, pA.data() + i * k, pA_lo.data() + i * k, tmpf.data());
+        if constexpr (kVnni<op_t>) {  // exp(x - m) rounded to bfloat16: see the header comment
+          transpose_to<op_t>(xT.data(), vb, ldx, r, pA.data(), k);
           pack_rows<in_t, op_t>([&](int64_t j) { return p.wrow(v0 + j); }, vb, H, wB.data(), tmp.data());
           tile_gemm<op_t>(r, H, k, pA.data(), k, wB.data(), H, acc.data(), H, true);  // GEMM 2
-          tile_gemm<op_t>(r, H, k, pA_lo.data(), k, wB.data(), H, acc.data(), H, true);
         } else {
           transpose_to<op_t>(xT.data(), vb, ldx, r, pA.data(), k);
           tile_gemm<op_t>(r, H, k, pA.data(), k, W, lda, acc.data(), H, true);  // GEMM 2

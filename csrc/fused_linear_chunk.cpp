@@ -132,14 +132,15 @@ void chunk_weight_grad(const Problem<in_t>& p, float* probs, const float* block_
   });
 }
 
-// Phase 2, one task per row tile: grad_hidden rows = G [r, V] W [V, H].
+// Phase 2, one task per row tile: grad_hidden rows = G [r, V] W [V, H] (one row's sum: G is
+// rounded to bfloat16 for bfloat16 operands, where phase 1 splits it; csrc/fused_linear.cpp).
 template <typename in_t, typename op_t>
 void chunk_hidden_grad(const Problem<in_t>& p, const float* probs, in_t* grad_hidden, int64_t gs0, int64_t gs1,
                        int64_t R, int64_t VB) {
   const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, vbp = pad_k<op_t>(VB);
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<float> acc(R * H), pF(kVnni<op_t> ? R * vbp : 0), tmpf(vbp);
-    std::vector<op_t> pA(R * vbp), pA_lo(kVnni<op_t> ? R * vbp : 0), wB(kVnni<op_t> ? vbp * H : 0), tmp(2 * H);
+    std::vector<float> acc(R * H);
+    std::vector<op_t> pA(R * vbp), wB(kVnni<op_t> ? vbp * H : 0), tmp(2 * H);
     std::vector<op_t> wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * R, r = std::min(R, C - c0);
@@ -147,13 +148,10 @@ void chunk_hidden_grad(const Problem<in_t>& p, const float* probs, in_t* grad_hi
       for (int64_t v0 = 0; v0 < V; v0 += VB) {
         const int64_t vb = std::min(VB, V - v0), k = pad_k<op_t>(vb);
         const float* g = probs + v0 * C + c0;
-        if constexpr (kVnni<op_t>) {
-          transpose_to<float>(g, vb, C, r, pF.data(), k);
-          for (int64_t i = 0; i < r; ++i)
-            split_hi_lo(pF.data() + i * k, k, pA.data() + i * k, pA_lo.data() + i * k, tmpf.data());
+        if constexpr (kVnni<op_t>) {  // one row's sum: G rounded to bfloat16 (csrc/fused_linear.cpp)
+          transpose_to<op_t>(g, vb, C, r, pA.data(), k);
           pack_rows<in_t, op_t>([&](int64_t j) { return p.wrow(v0 + j); }, vb, H, wB.data(), tmp.data());
           tile_gemm<op_t>(r, H, k, pA.data(), k, wB.data(), H, acc.data(), H, true);
-          tile_gemm<op_t>(r, H, k, pA_lo.data(), k, wB.data(), H, acc.data(), H, true);
         } else {
           int64_t lda;
           const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);
