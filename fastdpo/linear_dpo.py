@@ -28,6 +28,7 @@ import torch
 
 from fastdpo.backends import native_linear
 from fastdpo.backends.torch_chunked import counted_rows
+from fastdpo.linear import check_linear_inputs, fused_linear_logps
 from fastdpo.logps import FusedLogps, resolve_backend
 
 # Float32 softmax tiles a chunk may keep, by default: 256 MiB holds two pairs of 1024 tokens
@@ -151,8 +152,6 @@ class _LossInForward(torch.autograd.Function):
 
 
 def _sequence_grads(ctx, grad_sequences):
-    from fastdpo.linear import fused_linear_logps
-
     hidden, weight, bias = ctx.saved_tensors
     module, wanted = ctx.job.module, ctx.needs_input_grad[:3]
     with torch.enable_grad():
@@ -183,6 +182,7 @@ def loss_in_forward(module, hidden, weight, bias, labels, compute_reference, ref
         return None
     if resolve_backend(module.backend, hidden.device).name != "native":
         return None
+    check_linear_inputs(hidden, weight, bias, labels, module.ignore_index, module.shift)
     labels = labels.long()
     target = labels[:, 1:] if module.shift else labels
     per_seq = target.ne(module.ignore_index).sum(-1)

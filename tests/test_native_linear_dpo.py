@@ -160,6 +160,15 @@ def test_second_backward_and_bad_budget_are_clear_errors():
         FusedLinearDPOLoss(memory_budget_mib=-1)
 
 
+def test_bad_input_is_the_usual_clear_error():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    labels[0, 3] = 53
+    with pytest.raises(ValueError, match=r"label 53 is outside \[0, 53\)"):
+        _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, labels, ref_hidden)
+    with pytest.raises(TypeError, match="share one dtype"):
+        _run(FusedLinearDPOLoss(backend="native"), hidden, weight.bfloat16(), None, labels, ref_hidden)
+
+
 def test_precomputed_reference_and_reference_free():
     hidden, weight, bias, labels, ref_hidden = _inputs()
     loss_fn = FusedLinearDPOLoss(backend="native")
