@@ -108,19 +108,23 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     bias = torch.randn(1500, generator=g).to(dtype).requires_grad_(True)
     labels = torch.randint(0, 1500, (4, 97), generator=g)
     ref = torch.randn(4, 97, 64, generator=g).to(dtype)
-    out = FusedLinearDPOLoss(backend="native")(hidden, weight, labels, bias=bias, ref_hidden=ref)
-    out.loss.backward()
-    digest = hashlib.sha256()
-    for t in (out.loss, out.policy_chosen_logps, out.ref_rejected_logps, hidden.grad, weight.grad, bias.grad):
-        digest.update(t.detach().float().numpy().tobytes())
-    print(dtype, digest.hexdigest())
+    for budget in (256.0, 0.0):  # logits kept (no recompute), and the recompute path
+        loss_fn = FusedLinearDPOLoss(backend="native", memory_budget_mib=budget)
+        out = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref)
+        out.loss.backward()
+        digest = hashlib.sha256()
+        for t in (out.loss, out.policy_chosen_logps, out.ref_rejected_logps, hidden.grad, weight.grad, bias.grad):
+            digest.update(t.detach().float().numpy().tobytes())
+        print(dtype, budget, digest.hexdigest())
+        hidden.grad = weight.grad = bias.grad = None
 """
 
 
 @pytest.mark.parametrize("forced", ["auto", "float32"])
 def test_bitwise_equal_for_one_and_two_threads(forced):
     """Fresh processes (the thread pool is set before any work): the loss, log-probs and every
-    gradient hash the same with 1 and 2 threads, on both operand paths."""
+    gradient hash the same with 1 and 2 threads, on both operand paths, with and without the
+    logits recompute."""
     env = dict(os.environ, **{native_linear.OPERANDS_ENV: forced})
     digests = [
         subprocess.run(
@@ -132,7 +136,7 @@ def test_bitwise_equal_for_one_and_two_threads(forced):
         ).stdout
         for threads in (1, 2)
     ]
-    assert digests[0].count("torch.") == 3 and digests[0] == digests[1]
+    assert digests[0].count("torch.") == 6 and digests[0] == digests[1]
 
 
 def test_strided_weight_and_hidden_are_read_correctly():
