@@ -15,7 +15,8 @@ import torch
 
 from fastdpo.backends import Backend, resolve_backend
 from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
-from fastdpo.backends.linear_tiles import Rows, TilePlan, forward_tiles, plan_tiles, weight_grad_tiles
+from fastdpo.backends import linear_tiles
+from fastdpo.backends.linear_tiles import Rows, TilePlan, plan_tiles
 from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels, check_options
 
 
@@ -55,6 +56,16 @@ class _Settings:
     rows: Rows  # counted positions, derived from the labels
 
 
+def _loops(s: _Settings):
+    """The module running the tiled loops: the native backend runs all of them in C++ (issue 15,
+    fastdpo/backends/native_linear.py); other backends give tile kernels to linear_tiles' loops."""
+    if s.kernels.name == "native":
+        from fastdpo.backends import native_linear
+
+        return native_linear
+    return linear_tiles
+
+
 def _no_autocast(x: torch.Tensor):
     """The tiles choose their own precision (float32 products and statistics): an enclosing
     autocast region must not turn their matmuls into bfloat16 ones."""
@@ -71,7 +82,7 @@ def _forward(hidden, weight, bias, s: _Settings, positions: int, hidden_grad: to
     """(token_logps, sequence_logps, logit_sums, lse of the counted rows)."""
     rows = s.rows
     with _no_autocast(hidden):
-        label_logit, lse, logit_sum = forward_tiles(
+        label_logit, lse, logit_sum = _loops(s).forward_tiles(
             hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad
         )
     picked = label_logit - lse
@@ -120,7 +131,7 @@ class _FusedLinearLogps(torch.autograd.Function):
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             with _no_autocast(hidden):
-                grad_weight, grad_bias = weight_grad_tiles(
+                grad_weight, grad_bias = _loops(s).weight_grad_tiles(
                     hidden,
                     weight,
                     bias,
@@ -162,11 +173,17 @@ def fused_linear_logps(
     labels = labels.long()
     n, t, v = counted_rows(labels, ignore_index, shift)
     logits_bytes = labels.numel() * weight.shape[0] * hidden.element_size()
-    plan = plan_tiles(hidden.device, hidden.dtype, hidden.shape[-1], logits_bytes, row_tile, vocab_tile)
+    kernels = resolve_backend(backend, hidden.device)
+    if kernels.name == "native":  # the C++ loops have their own tile shape (issue 15)
+        from fastdpo.backends import native_linear
+
+        plan = native_linear.plan_tiles(hidden.dtype, hidden.shape[-1], row_tile, vocab_tile)
+    else:
+        plan = plan_tiles(hidden.device, hidden.dtype, hidden.shape[-1], logits_bytes, row_tile, vocab_tile)
     for name, size in (("row_tile", plan.row_tile), ("vocab_tile", plan.vocab_tile)):
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
-    settings = _Settings(resolve_backend(backend, hidden.device), plan, Rows(n, t, v))
+    settings = _Settings(kernels, plan, Rows(n, t, v))
     positions = out_len(labels.shape[1], shift)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
         token, sequence, logit_sums = _FusedLinearLogps.apply(hidden, weight, bias, settings, positions)

@@ -12,6 +12,7 @@ from torch import nn
 
 from fastdpo.functional import check_loss_options, preference_loss
 from fastdpo.linear import fused_linear_logps
+from fastdpo.linear_dpo import DEFAULT_MEMORY_BUDGET_MIB, loss_in_forward
 from fastdpo.logps import FusedLogps, fused_logps
 
 
@@ -280,8 +281,17 @@ class FusedLinearDPOLoss(_DPOLossBase):
     rows), ``weight`` ``[V, H]``, ``bias`` ``[V]``. The reference is exactly one of
     ``ref_hidden`` (with ``ref_weight`` / ``ref_bias``, which default to the policy's head, for
     a shared frozen head), ``ref_logps`` (``[2B]``) or ``reference_free=True``. Gradients flow to
-    ``hidden``, ``weight`` and ``bias``. Options are those of :class:`DPOLoss`.
+    ``hidden``, ``weight`` and ``bias``. Options are those of :class:`DPOLoss`, plus
+    ``memory_budget_mib``: the float32 softmax tiles the native backend may keep to skip the
+    backward's recompute of the logits (fastdpo/linear_dpo.py: per-pair losses only; ``aot*``
+    and ``sft`` always recompute; 0 always recomputes).
     """
+
+    def __init__(self, *args, memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not memory_budget_mib >= 0:
+            raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
+        self.memory_budget_mib = memory_budget_mib
 
     def _logps(self, hidden, weight, labels, bias) -> FusedLogps:
         return fused_linear_logps(
@@ -309,11 +319,15 @@ class FusedLinearDPOLoss(_DPOLossBase):
         self._check_reference("ref_hidden", ref_hidden, ref_logps, "hidden", hidden)
         if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
             raise ValueError("ref_weight / ref_bias need ref_hidden (the reference model's hidden states)")
-        policy = self._logps(hidden, weight, labels, bias)
         compute = None
         if ref_hidden is not None:
             head = weight if ref_weight is None else ref_weight
             head_bias = bias if ref_weight is None and ref_bias is None else ref_bias
             compute = lambda: self._logps(ref_hidden, head, labels, head_bias)  # noqa: E731
+        # Issue 15: no recompute of the logits when the memory budget allows (fastdpo/linear_dpo.py).
+        eager = loss_in_forward(self, hidden, weight, bias, labels, compute, ref_logps)
+        if eager is not None:
+            return eager
+        policy = self._logps(hidden, weight, labels, bias)
         reference = self._reference(policy, "ref_hidden, ref_weight, ref_bias", compute, ref_logps)
         return self.loss_from_logps(policy, reference, weight.shape[0])

@@ -73,7 +73,8 @@ def test_precomputed_reference_equals_frozen_copy(gpt2_dir, tmp_path):
     pre.precompute_reference()
     expected = batch_logps(copy.ref_model, copy, list(range(len(PAIRS))))
     table = pre.reference.tables["train"]
-    torch.testing.assert_close(torch.cat([table[:, 0], table[:, 1]]), expected, atol=1e-5, rtol=0)
+    # rtol: one float32 ulp of a ~150-nat sum (the fused path's GEMM kernel is not the model's)
+    torch.testing.assert_close(torch.cat([table[:, 0], table[:, 1]]), expected, atol=1e-5, rtol=1e-6)
     a, b = copy.train(), pre.train()
     assert pre.ref_model is None
     for x, y in zip(a, b):
@@ -396,9 +397,11 @@ def test_fused_linear_step_matches_the_logits_step(kind, request, tmp_path):
             "logits/chosen",
         ):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
-    for (_, grads_fused), (_, grads_logits) in zip(seen_fused, seen_logits):
+    for step, ((_, grads_fused), (_, grads_logits)) in enumerate(zip(seen_fused, seen_logits)):
+        # After the first Adam step (lr 1e-2) float32 noise in gradients whose exact value is 0
+        # (the attention's key bias) has moved weights by up to ~lr: later steps get 1e-5.
         for g, h in zip(grads_fused, grads_logits):
-            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(g, h, atol=1e-6 if step == 0 else 1e-5, rtol=1e-4)
     assert fused.evaluate()["train"] == pytest.approx(logits.evaluate()["train"], rel=1e-5, abs=1e-6)
 
 

@@ -1,0 +1,371 @@
+// Operand packing and the tile GEMM of the native fused linear kernel (csrc/fused_linear.cpp).
+//
+// Every product is at::native::cpublas::brgemm: C[M, N] (+)= A[M, K] B[K, N] with float32
+// accumulation and float32 output, A row-major. For bfloat16 operands B must be in the VNNI
+// layout [K/2][N][2] (two consecutive K entries of a column side by side, what the AVX512-BF16
+// and AMX dot-product instructions read), K padded to even with zeros; float32 operands are
+// plain row-major [K][N]. `op_t` is the operand type (float or at::BFloat16), `in_t` the
+// type of the tensors (float, at::BFloat16, at::Half): packing converts.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace fastdpo_linear {
+
+template <typename op_t>
+constexpr bool kVnni = !std::is_same_v<op_t, float>;
+
+// K rounded up to what the operand layout needs (even for VNNI pairs).
+template <typename op_t>
+constexpr int64_t pad_k(int64_t k) {
+  return kVnni<op_t> ? (k + 1) / 2 * 2 : k;
+}
+
+template <typename to_t, typename from_t>
+inline to_t cast(from_t x) {
+  return static_cast<to_t>(static_cast<float>(x));
+}
+
+// N is cut into panels so that the K x N panel of B a brgemm call streams stays in L2.
+constexpr int64_t kGemmPanel = 256;
+
+// C[M, N] (+)= A[M, K] B[K, N]; B in the operand layout with row length ldb (columns).
+template <typename op_t>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const op_t* A, int64_t lda, const op_t* B, int64_t ldb, float* C,
+               int64_t ldc, bool add) {
+  for (int64_t n0 = 0; n0 < N; n0 += kGemmPanel) {
+    const int64_t nb = std::min(kGemmPanel, N - n0);
+    const op_t* panel = B + (kVnni<op_t> ? 2 * n0 : n0);
+    at::native::cpublas::brgemm(M, nb, K, lda, ldb, ldc, add, A, panel, C + n0, kVnni<op_t>);
+  }
+}
+
+// Convert n values (vectorised where the types allow).
+template <typename to_t, typename from_t>
+inline void convert(const from_t* src, to_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<to_t, from_t>) {
+    std::memcpy(dst, src, n * sizeof(to_t));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// B = rows^T as [K = H, N = r]: for float, out[k][i] = row_i[k]; for VNNI, out[k/2][i][k%2],
+// i.e. the 32-bit pairs of each row transposed. `row(i)` gives row i's pointer. H must be
+// even for VNNI (the caller falls back to float operands otherwise).
+template <typename in_t, typename op_t, typename RowFn>
+void pack_rows_transposed(RowFn row, int64_t r, int64_t H, op_t* out) {
+  if constexpr (kVnni<op_t>) {
+    static_assert(sizeof(op_t) == 2);
+    for (int64_t i = 0; i < r; ++i) {
+      const in_t* src = row(i);
+      for (int64_t k2 = 0; k2 < H / 2; ++k2) {
+        out[(k2 * r + i) * 2] = cast<op_t>(src[2 * k2]);
+        out[(k2 * r + i) * 2 + 1] = cast<op_t>(src[2 * k2 + 1]);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < r; ++i) {
+      const in_t* src = row(i);
+      for (int64_t k = 0; k < H; ++k) out[k * r + i] = cast<op_t>(src[k]);
+    }
+  }
+}
+
+// Interleave two 16-bit rows: out[2n] = a[n], out[2n + 1] = b[n] (b null: zeros).
+inline void interleave16(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n) {
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i lo_idx = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i hi_idx = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (; k + 32 <= n; k += 32) {
+    const __m512i va = _mm512_loadu_si512(a + k);
+    const __m512i vb = b ? _mm512_loadu_si512(b + k) : _mm512_setzero_si512();
+    const __m512i lo = _mm512_unpacklo_epi16(va, vb);  // per 128-bit lane: a0 b0 .. a3 b3
+    const __m512i hi = _mm512_unpackhi_epi16(va, vb);  // per 128-bit lane: a4 b4 .. a7 b7
+    _mm512_storeu_si512(out + 2 * k, _mm512_permutex2var_epi64(lo, lo_idx, hi));
+    _mm512_storeu_si512(out + 2 * k + 32, _mm512_permutex2var_epi64(lo, hi_idx, hi));
+  }
+#endif
+  for (; k < n; ++k) {
+    out[2 * k] = a[k];
+    out[2 * k + 1] = b ? b[k] : uint16_t(0);
+  }
+}
+
+// B = rows as [K = r, N = H] in the operand layout: float copies/converts each row; VNNI
+// interleaves rows 2k and 2k + 1 (a zero row pads an odd r). `tmp` holds two converted rows
+// when in_t is not op_t.
+template <typename in_t, typename op_t, typename RowFn>
+void pack_rows(RowFn row, int64_t r, int64_t H, op_t* out, op_t* tmp) {
+  if constexpr (kVnni<op_t>) {
+    for (int64_t k2 = 0; k2 < pad_k<op_t>(r) / 2; ++k2) {
+      const bool has_b = 2 * k2 + 1 < r;
+      const op_t* a = reinterpret_cast<const op_t*>(row(2 * k2));
+      const op_t* b = has_b ? reinterpret_cast<const op_t*>(row(2 * k2 + 1)) : nullptr;
+      if constexpr (!std::is_same_v<in_t, op_t>) {
+        convert(row(2 * k2), tmp, H);
+        if (has_b) convert(row(2 * k2 + 1), tmp + H, H);
+        a = tmp;
+        b = has_b ? tmp + H : nullptr;
+      }
+      interleave16(reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b),
+                   reinterpret_cast<uint16_t*>(out + k2 * 2 * H), H);
+    }
+  } else {
+    for (int64_t i = 0; i < r; ++i) convert(row(i), out + i * H, H);
+  }
+}
+
+// A float32 row as the sum of two operand rows, hi = round(x) and lo = round(x - hi): a
+// bfloat16 pair carries 16 significant bits, so products of the pair with bfloat16 operands
+// lose ~2^-17 relatively instead of 2^-9 (the difference between float32 and bfloat16 gradient
+// tiles). `tmp` holds n floats.
+inline void split_hi_lo(const float* x, int64_t n, at::BFloat16* hi, at::BFloat16* lo, float* tmp) {
+  at::vec::convert(x, hi, n);
+  at::vec::convert(hi, tmp, n);
+  for (int64_t k = 0; k < n; ++k) tmp[k] = x[k] - tmp[k];
+  at::vec::convert(tmp, lo, n);
+}
+
+// A = x^T in the operand type: out[i][j] = x[j][i] for a float x [rows_x][ldx], i < cols,
+// j < rows_x; columns rows_x..lda of out are zero (K padding).
+template <typename op_t>
+void transpose_to(const float* x, int64_t rows_x, int64_t ldx, int64_t cols, op_t* out, int64_t lda) {
+  constexpr int64_t B = 16;
+  for (int64_t j0 = 0; j0 < rows_x; j0 += B) {
+    const int64_t j1 = std::min(rows_x, j0 + B);
+    for (int64_t i = 0; i < cols; ++i)
+      for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = cast<op_t>(x[j * ldx + i]);
+  }
+  for (int64_t i = 0; i < cols; ++i)
+    for (int64_t j = rows_x; j < lda; ++j) out[i * lda + j] = op_t(0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the ops of csrc/fused_linear.cpp and csrc/fused_linear_chunk.cpp.
+
+using Vec = at::vec::Vectorized<float>;
+inline constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Which operands: bfloat16 brgemm needs oneDNN's ukernel and bf16 dot-product instructions.
+
+inline bool probe_bf16_brgemm() {
+  auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) { return caps.count(key) && caps.at(key).toBool(); };
+  if (!has("avx512_bf16") && !has("amx_bf16")) return false;
+  // A 2 x 16 x 2 product in the VNNI layout, checked exactly.
+  std::vector<at::BFloat16> a = {1.0f, 2.0f, 3.0f, 4.0f}, b(2 * 16 * 2);
+  for (int n = 0; n < 16; ++n) b[2 * n] = float(n), b[2 * n + 1] = 1.0f;
+  std::vector<float> c(2 * 16, -1.0f);
+  try {
+    at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data(), true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int n = 0; n < 16; ++n)
+    if (c[n] != 1.0f * n + 2.0f || c[16 + n] != 3.0f * n + 4.0f) return false;
+  return true;
+}
+
+inline bool bf16_operands_available() {
+  static const bool probed = probe_bf16_brgemm();
+  return probed && at::globalContext().userEnabledMkldnn();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared views of the inputs.
+
+template <typename in_t>
+struct Problem {
+  const in_t* hidden;
+  int64_t hs0, hs1, H;
+  const in_t* weight;
+  int64_t ws0, V;
+  std::vector<float> bias;  // float32 copy, empty without bias
+  const int64_t *row_n, *row_t, *label;
+  int64_t C;
+
+  const in_t* hrow(int64_t c) const { return hidden + row_n[c] * hs0 + row_t[c] * hs1; }
+  const in_t* wrow(int64_t v) const { return weight + v * ws0; }
+};
+
+template <typename in_t>
+Problem<in_t> problem(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels) {
+  Problem<in_t> p{hidden.data_ptr<in_t>(), hidden.stride(0), hidden.stride(1), hidden.size(2),
+                  weight.data_ptr<in_t>(), weight.stride(0), weight.size(0), {},
+                  row_n.data_ptr<int64_t>(), row_t.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
+                  row_n.numel()};
+  if (bias.has_value()) {
+    p.bias.resize(p.V);
+    convert(bias->data_ptr<in_t>(), p.bias.data(), p.V);
+  }
+  return p;
+}
+
+// Run f(i0, count) over the lanes of r values, one vector at a time.
+template <typename F>
+inline void lanes(int64_t r, F f) {
+  for (int64_t i0 = 0; i0 < r; i0 += Vec::size()) f(i0, std::min<int64_t>(Vec::size(), r - i0));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A-operand rows of the weight block: the weight itself when the types agree, else converted.
+template <typename in_t, typename op_t>
+const op_t* weight_block(const Problem<in_t>& p, int64_t v0, int64_t vb, std::vector<op_t>& buf, int64_t& lda) {
+  if constexpr (std::is_same_v<in_t, op_t>) {
+    lda = p.ws0;
+    return p.wrow(v0);
+  } else {
+    for (int64_t j = 0; j < vb; ++j) convert(p.wrow(v0 + j), buf.data() + j * p.H, p.H);
+    lda = p.H;
+    return buf.data();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct RowState {  // per row of a row tile
+  std::vector<float> m, s_other, p_label, picked, logit_sum, tile_max, tile_sum, scale, m_ref;
+  std::vector<int64_t> local;  // label - v0 of the current block
+  explicit RowState(int64_t n)
+      : m(n), s_other(n), p_label(n), picked(n), logit_sum(n), tile_max(n), tile_sum(n), scale(n), m_ref(n),
+        local(n) {}
+};
+
+// Fold the float32 tile x^T [vb, ldx] (r live columns) of block v0 into the rows' state. On
+// return the tile holds exp(x - m_new) with the label entries zeroed.
+template <typename in_t>
+void fold_block(const Problem<in_t>& p, float* xT, int64_t vb, int64_t ldx, int64_t r, int64_t v0, int64_t c0,
+                RowState& st) {
+  std::fill_n(st.tile_max.begin(), r, -kInf);
+  for (int64_t j = 0; j < vb; ++j) {  // sweep 1: bias, max, logit sum
+    float* x = xT + j * ldx;
+    const Vec bj(p.bias.empty() ? 0.0f : p.bias[v0 + j]);
+    lanes(r, [&](int64_t i0, int64_t n) {
+      Vec v = Vec::loadu(x + i0, n);
+      if (!p.bias.empty()) {
+        v = v + bj;
+        v.store(x + i0, n);
+      }
+      at::vec::maximum(Vec::loadu(st.tile_max.data() + i0, n), v).store(st.tile_max.data() + i0, n);
+      (Vec::loadu(st.logit_sum.data() + i0, n) + v).store(st.logit_sum.data() + i0, n);
+    });
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    const int64_t y = p.label[c0 + i] - v0;
+    st.local[i] = (y >= 0 && y < vb) ? y : -1;
+    if (st.local[i] >= 0) {
+      st.picked[i] = xT[y * ldx + i];
+      xT[y * ldx + i] = -kInf;  // the label is summed apart (p_label), never in the GEMM
+    }
+    const float m_new = std::max(st.m[i], st.tile_max[i]);
+    // A row whose running max is still -inf has nothing to rescale; an all -inf block must
+    // not make exp(-inf - -inf) = NaN, so it is exponentiated against 0 (every term is 0).
+    st.scale[i] = st.m[i] == -kInf ? 0.0f : std::exp(st.m[i] - m_new);
+    st.m_ref[i] = m_new == -kInf ? 0.0f : m_new;
+    st.m[i] = m_new;
+  }
+  std::fill_n(st.tile_sum.begin(), r, 0.0f);
+  for (int64_t j = 0; j < vb; ++j) {  // sweep 2: exp(x - m) in place and its sum
+    float* x = xT + j * ldx;
+    lanes(r, [&](int64_t i0, int64_t n) {
+      const Vec e = (Vec::loadu(x + i0, n) - Vec::loadu(st.m_ref.data() + i0, n)).exp_u20();
+      e.store(x + i0, n);
+      (Vec::loadu(st.tile_sum.data() + i0, n) + e).store(st.tile_sum.data() + i0, n);
+    });
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    st.s_other[i] = st.s_other[i] * st.scale[i] + st.tile_sum[i];
+    st.p_label[i] *= st.scale[i];
+    if (st.local[i] >= 0) st.p_label[i] += std::exp(st.picked[i] - st.m_ref[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks and dispatch.
+
+inline void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels, int64_t row_tile,
+                  int64_t vocab_tile) {
+  CHECK_CPU(hidden);
+  CHECK_CPU(weight);
+  CHECK_DIM(hidden, 3);
+  CHECK_DIM(weight, 2);
+  CHECK_LAST_CONTIGUOUS(hidden);
+  TORCH_CHECK(weight.stride(1) == 1, "weight must have a contiguous last dimension");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "hidden must be float32, bfloat16 or float16, got ", dt);
+  CHECK_DTYPE(weight, dt);
+  TORCH_CHECK(weight.size(1) == hidden.size(2) && weight.size(0) > 0 && weight.size(1) > 0,
+              "weight must be [V, H] with H = hidden.size(2) = ", hidden.size(2), ", got ", weight.sizes());
+  if (bias.has_value()) {
+    CHECK_CPU((*bias));
+    CHECK_DTYPE((*bias), dt);
+    CHECK_SHAPE((*bias), weight.size(0));
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+  const int64_t C = row_n.numel();
+  for (const at::Tensor* x : {&row_n, &row_t, &labels}) {
+    CHECK_CPU((*x));
+    CHECK_DTYPE((*x), at::kLong);
+    TORCH_CHECK(x->dim() == 1 && x->numel() == C && x->is_contiguous(),
+                "row_n, row_t and labels must be contiguous [C] tensors of one length");
+  }
+  TORCH_CHECK(row_tile >= 1 && vocab_tile >= 1, "row_tile and vocab_tile must be >= 1, got ", row_tile, ", ",
+              vocab_tile);
+  const int64_t *n = row_n.data_ptr<int64_t>(), *t = row_t.data_ptr<int64_t>(), *y = labels.data_ptr<int64_t>();
+  const int64_t N = hidden.size(0), T = hidden.size(1), V = weight.size(0);
+  for (int64_t c = 0; c < C; ++c) {
+    TORCH_CHECK(n[c] >= 0 && n[c] < N && t[c] >= 0 && t[c] < T, "row ", c, " (", n[c], ", ", t[c],
+                ") is outside hidden's [", N, ", ", T, "]");
+    TORCH_CHECK(y[c] >= 0 && y[c] < V, "label ", y[c], " of row ", c, " is outside [0, ", V, ")");
+  }
+}
+
+inline bool use_bf16(const at::Tensor& hidden, bool half_operands) {
+  return hidden.scalar_type() == at::kBFloat16 && half_operands && hidden.size(2) % 2 == 0 &&
+         bf16_operands_available();
+}
+
+enum class Operands { f32, bf16, bf16_as_f32, f16_as_f32 };
+
+inline Operands operands(const at::Tensor& hidden, bool half_operands) {
+  switch (hidden.scalar_type()) {
+    case at::kFloat:
+      return Operands::f32;
+    case at::kBFloat16:
+      return use_bf16(hidden, half_operands) ? Operands::bf16 : Operands::bf16_as_f32;
+    default:
+      return Operands::f16_as_f32;
+  }
+}
+
+}  // namespace fastdpo_linear

@@ -1,0 +1,182 @@
+"""FusedLinearDPOLoss without the logits recompute (fastdpo/linear_dpo.py): the loss and the
+gradients of hidden states, head and bias made in the forward by chunks of pairs, against
+float64 and against the recompute path; chunking, budget, fall-backs, scaling, double backward."""
+
+import pytest
+import torch
+from helpers import GRAD_TOL, assert_close_verbose
+from test_linear import make_linear
+
+from fastdpo import FusedLinearDPOLoss
+from fastdpo.backends import native_linear
+from fastdpo.functional import preference_loss
+from fastdpo.linear_dpo import chunk_pairs
+
+OPTIONS = {
+    "sigmoid": dict(),
+    "ipo": dict(loss_type="ipo", beta=0.3),
+    "robust-avg": dict(loss_type="robust", label_smoothing=0.1, average_log_prob=True),
+    "hinge+simpo": dict(loss_type=["hinge", "simpo"], loss_weights=[1.0, 0.5]),
+    "sigmoid-js": dict(f_divergence_type="js_divergence"),
+}
+
+
+@pytest.fixture(params=["auto", "float32"])
+def operands(request, monkeypatch):
+    monkeypatch.setenv(native_linear.OPERANDS_ENV, request.param)
+    return request.param
+
+
+def _inputs(pairs=3, t=9, h=16, v=53, dtype=torch.float32, bias=True):
+    hidden, weight, b, labels = make_linear(2 * pairs, t, h, v, dtype, bias=bias)
+    ref_hidden = make_linear(2 * pairs, t, h, v, dtype, seed=7)[0]
+    return hidden, weight, b, labels, ref_hidden
+
+
+def _run(loss_fn, hidden, weight, bias, labels, ref_hidden, scale=1.0):
+    x = [None if z is None else z.clone().requires_grad_(True) for z in (hidden, weight, bias)]
+    out = loss_fn(x[0], x[1], labels, bias=x[2], ref_hidden=ref_hidden)
+    (out.loss * scale).backward()
+    return out, [None if z is None else z.grad for z in x]
+
+
+def _float64(options, hidden, weight, bias, labels, ref_hidden):
+    """float64 loss and gradients of the same DPO loss on hidden @ weight.T + bias."""
+    x = [None if z is None else z.detach().double().requires_grad_(True) for z in (hidden, weight, bias)]
+
+    def logps(h, w, b):
+        logits = (h @ w.T + (0 if b is None else b))[:, :-1]
+        target = labels[:, 1:]
+        mask = target != -100
+        tok = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        seq, counts = tok.sum(-1), mask.sum(-1)
+        return (seq / counts.clamp(min=1) if options.get("average_log_prob") else seq), counts
+
+    pi, counts = logps(*x)
+    with torch.no_grad():
+        ref, _ = logps(ref_hidden.double(), x[1], x[2])
+    k = pi.shape[0] // 2
+    opts = {key: val for key, val in options.items() if key != "average_log_prob"}
+    n = (None, None) if options.get("average_log_prob") else (counts[:k], counts[k:])
+    losses, _, _ = preference_loss(
+        pi[:k], pi[k:], ref[:k], ref[k:], chosen_counts=n[0], rejected_counts=n[1], **opts
+    )
+    losses.mean().backward()
+    return losses.mean(), [None if z is None else z.grad for z in x]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_loss_and_gradients_match_float64(operands, dtype, name):
+    hidden, weight, bias, labels, ref_hidden = _inputs(dtype=dtype)
+    loss_fn = FusedLinearDPOLoss(backend="native", **OPTIONS[name])
+    out, grads = _run(loss_fn, hidden, weight, bias, labels, ref_hidden)
+    assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"  # no recompute here
+    exact, exact_grads = _float64(OPTIONS[name], hidden, weight, bias, labels, ref_hidden)
+    assert_close_verbose(out.loss, exact, atol=2e-5, rtol=1e-5, what="loss")
+    rtol, atol = GRAD_TOL[dtype]
+    for what, got, want in zip(("hidden", "weight", "bias"), grads, exact_grads):
+        assert got.dtype == dtype, what
+        # bfloat16/float16: the float32 gradient is rounded once, but the loss's own float32
+        # rounding (log-probs of ~1e1 in float32) shows in gradients of ~1e-3: atol 2x.
+        assert_close_verbose(got, want, atol=2 * atol, rtol=rtol, what=f"grad {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
+    """A budget that holds one pair at a time (three chunks; a bfloat16 head then accumulates its
+    gradient in float32) against one chunk and against the recompute path (budget 0)."""
+    hidden, weight, b, labels, ref_hidden = _inputs(dtype=dtype, bias=bias, v=301, h=32)
+    per_pair = 2 * 8 * (301 + 1) * 4  # at most 16 rows of 301 floats and a block maximum
+    accumulator = 0 if dtype == torch.float32 else 301 * 32 * 4
+    budgets = {"one-pair": (per_pair + accumulator) / 2**20, "all": 1.0, "recompute": 0.0}
+    results = {k: _run(FusedLinearDPOLoss(backend="native", memory_budget_mib=m), hidden, weight, b, labels, ref_hidden)
+               for k, m in budgets.items()}  # fmt: skip
+    names = {k: type(out.loss.grad_fn).__name__ for k, (out, _) in results.items()}
+    assert names["one-pair"] == names["all"] == "_LossInForwardBackward" != names["recompute"]
+    rtol, atol = GRAD_TOL[dtype]
+    base, base_grads = results["recompute"]
+    for key in ("one-pair", "all"):
+        out, grads = results[key]
+        torch.testing.assert_close(out.loss, base.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.policy_chosen_logps, base.policy_chosen_logps, atol=1e-4, rtol=1e-5)
+        assert out.metrics() == pytest.approx(base.metrics(), rel=1e-4, abs=1e-4)
+        for got, want in zip(grads, base_grads):
+            if want is not None:
+                torch.testing.assert_close(got.float(), want.float(), atol=2 * atol, rtol=2 * rtol)
+
+
+def test_chunk_pairs_plan():
+    assert chunk_pairs([3, 3, 3], 10, 90, 1000) == [(0, 3)]  # all fit: no accumulator needed
+    assert chunk_pairs([3, 3, 3], 10, 60, 0) == [(0, 2), (2, 3)]
+    assert chunk_pairs([3, 5, 2, 2], 10, 50, 0) == [(0, 1), (1, 2), (2, 4)]
+    assert chunk_pairs([3, 3, 3], 10, 60, 20) == [(0, 1), (1, 2), (2, 3)]  # the accumulator is charged
+    assert chunk_pairs([3, 7, 3], 10, 60, 0) is None  # one pair does not fit: recompute
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair", "sft", ["sigmoid", "sft"]], ids=str)
+def test_batch_losses_take_the_recompute_path(loss_type):
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    out, _ = _run(
+        FusedLinearDPOLoss(backend="native", loss_type=loss_type), hidden, weight, bias, labels, ref_hidden
+    )
+    assert type(out.loss.grad_fn).__name__ != "_LossInForwardBackward"
+
+
+def test_other_backends_and_no_grad_take_the_usual_path():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    out, _ = _run(FusedLinearDPOLoss(backend="torch"), hidden, weight, bias, labels, ref_hidden)
+    assert type(out.loss.grad_fn).__name__ != "_LossInForwardBackward"
+    with torch.no_grad():
+        plain = FusedLinearDPOLoss(backend="native")(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden)
+    assert plain.loss.grad_fn is None
+    torch.testing.assert_close(plain.loss, out.loss.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_upstream_scale_and_log_probs_used_beyond_the_loss():
+    """The loss's upstream gradient scales the stored gradients; a gradient through the policy
+    log-probs as well (an extra term) is added by the recompute path."""
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    grads = {}
+    for budget in (64.0, 0.0):
+        loss_fn = FusedLinearDPOLoss(backend="native", memory_budget_mib=budget)
+        x = [z.clone().requires_grad_(True) for z in (hidden, weight, bias)]
+        out = loss_fn(x[0], x[1], labels, bias=x[2], ref_hidden=ref_hidden)
+        (0.25 * out.loss - 0.01 * out.policy_chosen_logps.sum()).backward()
+        grads[budget] = [z.grad for z in x]
+    for got, want in zip(grads[64.0], grads[0.0]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_second_backward_and_bad_budget_are_clear_errors():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    x = hidden.clone().requires_grad_(True)
+    out = FusedLinearDPOLoss(backend="native")(x, weight, labels, bias=bias, ref_hidden=ref_hidden)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        out.loss.backward()
+    with pytest.raises(ValueError, match="memory_budget_mib must be >= 0, got -1"):
+        FusedLinearDPOLoss(memory_budget_mib=-1)
+
+
+def test_bad_input_is_the_usual_clear_error():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    labels[0, 3] = 53
+    with pytest.raises(ValueError, match=r"label 53 is outside \[0, 53\)"):
+        _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, labels, ref_hidden)
+    with pytest.raises(TypeError, match="share one dtype"):
+        _run(FusedLinearDPOLoss(backend="native"), hidden, weight.bfloat16(), None, labels, ref_hidden)
+
+
+def test_precomputed_reference_and_reference_free():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    loss_fn = FusedLinearDPOLoss(backend="native")
+    shared, _ = _run(loss_fn, hidden, weight, bias, labels, ref_hidden)
+    ref_logps = torch.cat([shared.ref_chosen_logps, shared.ref_rejected_logps])
+    x = hidden.clone().requires_grad_(True)
+    pre = loss_fn(x, weight, labels, bias=bias, ref_logps=ref_logps)
+    assert type(pre.loss.grad_fn).__name__ == "_LossInForwardBackward"
+    torch.testing.assert_close(pre.loss, shared.loss)
+    free = FusedLinearDPOLoss(backend="native", reference_free=True)(x, weight, labels, bias=bias)
+    assert (free.ref_chosen_logps == 0).all() and type(free.loss.grad_fn).__name__ == "_LossInForwardBackward"
