@@ -304,21 +304,7 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad(
   return {grad_weight, grad_bias};
 }
 
-bool linear_bf16_operands() { return bf16_operands_available(); }
-
 }  // namespace
-
-// The lead moves these schemas into the single TORCH_LIBRARY block at merge.
-TORCH_LIBRARY_FRAGMENT(fastdpo, m) {
-  m.def(
-      "linear_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor(a!)? hidden_grad, int row_tile, int vocab_tile, bool half_operands) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "linear_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor lse, Tensor grad_rows, bool need_weight, bool need_bias, int row_tile, int vocab_tile, "
-      "bool half_operands) -> (Tensor, Tensor)");
-  m.def("linear_bf16_operands() -> bool", &linear_bf16_operands);
-}
 
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("linear_forward", &linear_forward);

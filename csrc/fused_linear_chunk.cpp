@@ -272,19 +272,6 @@ void linear_chunk_backward(at::Tensor& probs, const at::Tensor& block_max, const
 
 }  // namespace
 
-// The lead moves these schemas into the single TORCH_LIBRARY block at merge.
-TORCH_LIBRARY_FRAGMENT(fastdpo, m) {
-  m.def(
-      "linear_chunk_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor(a!) probs, Tensor(b!) block_max, int row_tile, int vocab_tile, bool half_operands) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "linear_chunk_backward(Tensor(a!) probs, Tensor block_max, Tensor lse, Tensor label_share, Tensor grad_rows, "
-      "Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor(b!) grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias, int row_tile, int vocab_tile, "
-      "bool half_operands) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("linear_chunk_forward", &linear_chunk_forward);
   m.impl("linear_chunk_backward", &linear_chunk_backward);

@@ -7,6 +7,9 @@
 //   logps_backward_(logits!, ...) -> ()               the same, written into logits' storage
 //   lse_fold_(tile!, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)
 //   softmax_grad_tile_(tile!, labels_local, lse, grad_rows) -> ()
+//   linear_forward / linear_weight_grad       the fused linear path's whole tiled loops (fused_linear.cpp)
+//   linear_chunk_forward / linear_chunk_backward   its loss without recompute (fused_linear_chunk.cpp)
+//   linear_bf16_operands() -> bool             does this CPU multiply bfloat16 tiles natively?
 //
 // Semantics: the backend contract in fastdpo/backends/__init__.py.
 
@@ -18,12 +21,32 @@
 
 #include <vector>
 
+#include "fused_linear.h"
+
 TORCH_LIBRARY(fastdpo, m) {
   m.def("logps_forward(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("logps_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> Tensor");
   m.def("logps_backward_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> ()");
   m.def("lse_fold_(Tensor(a!) tile, Tensor running_max, Tensor running_sum) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_grad_tile_(Tensor(a!) tile, Tensor labels_local, Tensor lse, Tensor grad_rows) -> ()");
+  m.def(
+      "linear_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
+      "Tensor(a!)? hidden_grad, int row_tile, int vocab_tile, bool half_operands) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
+      "Tensor lse, Tensor grad_rows, bool need_weight, bool need_bias, int row_tile, int vocab_tile, "
+      "bool half_operands) -> (Tensor, Tensor)");
+  m.def(
+      "linear_chunk_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
+      "Tensor(a!) probs, Tensor(b!) block_max, int row_tile, int vocab_tile, bool half_operands) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_chunk_backward(Tensor(a!) probs, Tensor block_max, Tensor lse, Tensor label_share, Tensor grad_rows, "
+      "Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
+      "Tensor(b!) grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias, int row_tile, int vocab_tile, "
+      "bool half_operands) -> ()");
+  // No tensor argument to dispatch on: the one op whose kernel is given with its schema.
+  m.def("linear_bf16_operands() -> bool", [] { return fastdpo_linear::bf16_operands_available(); });
 }
 
 namespace {

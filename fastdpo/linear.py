@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.backends import Backend, resolve_backend
+from fastdpo.backends import Backend, linear_tiles, resolve_backend
 from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
-from fastdpo.backends import linear_tiles
 from fastdpo.backends.linear_tiles import Rows, TilePlan, plan_tiles
 from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels, check_options
 

@@ -26,8 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastdpo.backends import native_linear
-from fastdpo.backends import resolve_backend
+from fastdpo.backends import native_linear, resolve_backend
 from fastdpo.backends.common import counted_rows
 from fastdpo.linear import check_linear_inputs, fused_linear_logps
 from fastdpo.logps import FusedLogps
