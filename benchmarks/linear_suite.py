@@ -72,8 +72,8 @@ def _policy_logps(out) -> torch.Tensor:
     return torch.cat([out.policy_chosen_logps, out.policy_rejected_logps])
 
 
-def _fastdpo(backend: str):
-    loss_fn = fastdpo.FusedLinearDPOLoss(beta=BETA, backend=backend)
+def _fastdpo(backend: str, **options):
+    loss_fn = fastdpo.FusedLinearDPOLoss(beta=BETA, backend=backend, **options)
 
     def run(x: Inputs) -> Output:
         out = loss_fn(x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"])
@@ -140,7 +140,10 @@ def liger_dpo(x: Inputs) -> Output:
 
 def _methods() -> dict:
     native = "native" in fastdpo.available_backends("cpu")
-    methods = {"fastdpo-fused-linear": _fastdpo("native")} if native else {}
+    methods = {}
+    if native:  # the C++ fused linear kernel: within its memory budget, then always recomputing
+        methods["fastdpo-fused-linear"] = _fastdpo("native")
+        methods["fastdpo-fused-linear-recompute"] = _fastdpo("native", memory_budget_mib=0)
     methods["fastdpo-fused-linear-torch"] = _fastdpo("torch")
     methods["unfused-naive"] = _unfused_naive
     backend = "native" if native else "torch"

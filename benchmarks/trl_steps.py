@@ -52,12 +52,28 @@ def trl_step(method: str, dtype: str, directory: pathlib.Path, output_dir: str):
     setup = load_setup(directory)
     load = lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)  # noqa: E731
     records = [json.loads(line) for line in (directory / "pairs.jsonl").read_text().splitlines()]
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=setup.batch, max_length=setup.max_length,
-                     learning_rate=setup.lr, max_steps=1000, report_to=[], use_cpu=True, bf16=dtype == "bfloat16",
-                     gradient_checkpointing=False, save_strategy="no", logging_steps=10**6,
-                     dataloader_num_workers=0, max_grad_norm=1.0)  # fmt: skip
-    trainer = DPOTrainer(model=load(), ref_model=load(), args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=AutoTokenizer.from_pretrained(directory))  # fmt: skip
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=setup.batch,
+        max_length=setup.max_length,
+        learning_rate=setup.lr,
+        max_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        bf16=dtype == "bfloat16",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+    )
+    trainer = DPOTrainer(
+        model=load(),
+        ref_model=load(),
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(directory),
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
     # What Trainer's loop does before the first step: wrap the model (accelerate's autocast for
     # bf16) and set the accumulation count.
@@ -104,8 +120,18 @@ def probe(method: str, dtype: str, directory: pathlib.Path, rounds: int) -> dict
 
 def probe_in_subprocess(method: str, dtype: str, directory: pathlib.Path, rounds: int) -> dict:
     """:func:`probe` in a fresh interpreter, so that neither trainer's allocations hide the other's."""
-    command = [sys.executable, "-m", "benchmarks.trl_steps", method, "--dtype", dtype, "--rounds", str(rounds),
-               "--dir", str(directory)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.trl_steps",
+        method,
+        "--dtype",
+        dtype,
+        "--rounds",
+        str(rounds),
+        "--dir",
+        str(directory),
+    ]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{method} {dtype} probe failed:\n{out.stderr[-3000:]}")

@@ -123,9 +123,24 @@ class _LossInForward(torch.autograd.Function):
                 (g_seq,) = torch.autograd.grad(chunk_loss, pi)
             loss += chunk_loss.detach().double()
             ops.linear_chunk_backward(
-                probs, block_max, lse, share, g_seq[local[rn]].contiguous(), hidden_k, weight_k, bias,
-                rn, rt, ry, grad_hidden, grad_weight, grad_bias, plan.row_tile, plan.vocab_tile, half,
-            )  # fmt: skip
+                probs,
+                block_max,
+                lse,
+                share,
+                g_seq[local[rn]].contiguous(),
+                hidden_k,
+                weight_k,
+                bias,
+                rn,
+                rt,
+                ry,
+                grad_hidden,
+                grad_weight,
+                grad_bias,
+                plan.row_tile,
+                plan.vocab_tile,
+                half,
+            )
         del buffer
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
@@ -144,8 +159,10 @@ class _LossInForward(torch.autograd.Function):
             )
         grads, ctx.grads = ctx.grads, None
         wanted = ctx.needs_input_grad[:3]
-        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None and w and grad_loss is not None else None
-                 for g, w in zip(grads, wanted)]  # fmt: skip
+        grads = [
+            g.mul_(grad_loss.to(g.dtype)) if g is not None and w and grad_loss is not None else None
+            for g, w in zip(grads, wanted)
+        ]
         if grad_sequences is not None:  # the log-probs are used beyond the loss: recompute path
             grads = _add(grads, _sequence_grads(ctx, grad_sequences))
         return grads[0], grads[1], grads[2], None
@@ -160,9 +177,14 @@ def _sequence_grads(ctx, grad_sequences):
             for x, w in zip((hidden, weight, bias), wanted)
         ]
         seq = fused_linear_logps(
-            leaves[0], leaves[1], ctx.job.labels, bias=leaves[2], ignore_index=module.ignore_index,
-            shift=module.shift, backend="native",
-        ).sequence_logps  # fmt: skip
+            leaves[0],
+            leaves[1],
+            ctx.job.labels,
+            bias=leaves[2],
+            ignore_index=module.ignore_index,
+            shift=module.shift,
+            backend="native",
+        ).sequence_logps
         inputs = [x for x, w in zip(leaves, wanted) if w]
         found = iter(torch.autograd.grad(seq, inputs, grad_sequences, allow_unused=True))
     return [next(found) if w else None for w in wanted]

@@ -91,8 +91,12 @@ def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
     per_pair = 2 * 8 * (301 + 1) * 4  # at most 16 rows of 301 floats and a block maximum
     accumulator = 0 if dtype == torch.float32 else 301 * 32 * 4
     budgets = {"one-pair": (per_pair + accumulator) / 2**20, "all": 1.0, "recompute": 0.0}
-    results = {k: _run(FusedLinearDPOLoss(backend="native", memory_budget_mib=m), hidden, weight, b, labels, ref_hidden)
-               for k, m in budgets.items()}  # fmt: skip
+    results = {
+        k: _run(
+            FusedLinearDPOLoss(backend="native", memory_budget_mib=m), hidden, weight, b, labels, ref_hidden
+        )
+        for k, m in budgets.items()
+    }
     names = {k: type(out.loss.grad_fn).__name__ for k, (out, _) in results.items()}
     assert names["one-pair"] == names["all"] == "_LossInForwardBackward" != names["recompute"]
     rtol, atol = GRAD_TOL[dtype]

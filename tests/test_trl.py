@@ -24,11 +24,27 @@ from fastdpo.trl.statistics import STATISTICS  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Trainer's log keys that are timings, not results.
-TIMINGS = {f"{split}_{key}" for split in ("train", "eval") for key in
-           ("runtime", "samples_per_second", "steps_per_second")}  # fmt: skip
+TIMINGS = {
+    f"{split}_{key}"
+    for split in ("train", "eval")
+    for key in ("runtime", "samples_per_second", "steps_per_second")
+}
 # What TRL 1.16's DPOTrainer supports besides sigmoid and ipo (tested alone): one run with all of them.
-OTHER_LOSSES = ["hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-                "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]  # fmt: skip
+OTHER_LOSSES = [
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +68,15 @@ def tiny_lm(tokenizer, kind: str = "gpt2"):
     ids = dict(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
     if kind == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **ids))
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=128, **ids)  # fmt: skip
+    sizes = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        **ids,
+    )
     if kind == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=False, **sizes))
     if kind == "phi":
@@ -72,9 +95,21 @@ def train(trainer_cls, tokenizer, kind="gpt2", model=None, with_ref=True, peft_c
     rounding in a near-zero gradient into a step of up to the learning rate.)
     """
     model = tiny_lm(tokenizer, kind) if model is None else model
-    options = dict(output_dir="unused", per_device_train_batch_size=2, max_steps=3, optim="sgd",
-                   learning_rate=0.1, bf16=False, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
-                   disable_tqdm=True, dataloader_num_workers=0, gradient_checkpointing=False)  # fmt: skip
+    options = dict(
+        output_dir="unused",
+        per_device_train_batch_size=2,
+        max_steps=3,
+        optim="sgd",
+        learning_rate=0.1,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+    )
     args = trl.DPOConfig(**(options | config))
     trainer = trainer_cls(
         model=model,
@@ -158,8 +193,11 @@ def test_precomputed_reference_and_evaluation(tokenizer, monkeypatch):
     monkeypatch.setattr(fastdpo_lm_head, "head_statistics", lambda *a: calls.append(a[-1]) or statistics(*a))
     precompute = fastdpo.trl.DPOTrainer.compute_ref_log_probs
     precomputed = []
-    monkeypatch.setattr(fastdpo.trl.DPOTrainer, "compute_ref_log_probs",
-                        lambda self, *a: precomputed.append(1) or precompute(self, *a))  # fmt: skip
+    monkeypatch.setattr(
+        fastdpo.trl.DPOTrainer,
+        "compute_ref_log_probs",
+        lambda self, *a: precomputed.append(1) or precompute(self, *a),
+    )
     actual = train(fastdpo.trl.DPOTrainer, tokenizer, **config)
     assert actual[2].ref_model is None and precomputed  # scored here, not read from TRL's cache
     # Statistics for the policy's passes only (3 training steps, evaluations at steps 2 and 3),
@@ -216,10 +254,13 @@ def with_linear_like_head(tokenizer):
     return model
 
 
-@pytest.mark.parametrize("model, reason", [
-    ("gemma2", "soft-caps its logits (final_logit_softcapping=5.0)"),
-    ("linear_like_head", "the LM head is a LinearLikeHead, not an nn.Linear"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        ("gemma2", "soft-caps its logits (final_logit_softcapping=5.0)"),
+        ("linear_like_head", "the LM head is a LinearLikeHead, not an nn.Linear"),
+    ],
+)
 def test_fallback_is_trls_head_and_warns_once(model, reason, tokenizer):
     build = with_linear_like_head if model == "linear_like_head" else lambda t: tiny_lm(t, model)
     expected = train(trl.DPOTrainer, tokenizer, model=build(tokenizer))
@@ -290,8 +331,18 @@ def test_torchrun_two_processes_match_one(gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl_torchrun import run
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "tests" / "trl_torchrun.py"), str(gpt2_dir), str(tmp_path / "ddp"), "--batch-size", "2"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "trl_torchrun.py"),
+        str(gpt2_dir),
+        str(tmp_path / "ddp"),
+        "--batch-size",
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -303,8 +354,11 @@ def test_torchrun_two_processes_match_one(gpt2_dir, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(gpt2_dir).state_dict()
     after_ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
     updates = lambda weights: {k: weights[k] - before[k] for k in before}  # noqa: E731
-    assert_same_run((one.state.log_history, updates(one.model.state_dict()), one),
-                    (ddp["log_history"], updates(after_ddp), None), ignore=["total_flos"])  # fmt: skip
+    assert_same_run(
+        (one.state.log_history, updates(one.model.state_dict()), one),
+        (ddp["log_history"], updates(after_ddp), None),
+        ignore=["total_flos"],
+    )
     # (Trainer estimates total_flos from the padded batch shapes, which differ per rank.)
 
 
@@ -344,8 +398,11 @@ def test_bf16_mixed_precision_runs_both_heads_under_autocast(tokenizer, monkeypa
     forbid_trl_head(monkeypatch)
     dtypes = []
     linear_token_logps = fastdpo_lm_head.linear_token_logps
-    monkeypatch.setattr(fastdpo_lm_head, "linear_token_logps",
-                        lambda hidden, *a, **k: dtypes.append(hidden.dtype) or linear_token_logps(hidden, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        fastdpo_lm_head,
+        "linear_token_logps",
+        lambda hidden, *a, **k: dtypes.append(hidden.dtype) or linear_token_logps(hidden, *a, **k),
+    )
     actual = train(fastdpo.trl.DPOTrainer, tokenizer, bf16=True, max_steps=1)[0][0]
     assert dtypes == [torch.bfloat16, torch.bfloat16]  # the policy, then the reference
     # TRL rounds its logits to bfloat16, fastdpo keeps the products of bfloat16 operands in float32.
@@ -373,9 +430,11 @@ def test_fallback_reasons(tokenizer, monkeypatch):
     assert fallback_reason(model, {}, temperature=0.7) == "TRL's head divides the logits by temperature=0.7"
     assert "Mixture-of-Experts" in fallback_reason(model, {"output_router_logits": True})
     cases = {  # config attribute -> the factor TRL's head would apply
-        "logit_scale": (0.25, "0.25"), "output_multiplier": (2.0, "2.0"),
-        "lm_head_multiplier": (3.0, "3.0"), "logits_scaling": (4.0, "0.25"),
-    }  # fmt: skip
+        "logit_scale": (0.25, "0.25"),
+        "output_multiplier": (2.0, "2.0"),
+        "lm_head_multiplier": (3.0, "3.0"),
+        "logits_scaling": (4.0, "0.25"),
+    }
     for name, (value, factor) in cases.items():
         monkeypatch.setattr(model.config, name, value, raising=False)
         assert fallback_reason(model, {}) == f"the model scales its logits by {factor}", name

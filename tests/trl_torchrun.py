@@ -24,10 +24,22 @@ def run(model_dir: str, output_dir: str, batch_size: int):
 
     from fastdpo.trl import DPOTrainer
 
-    args = DPOConfig(output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=3, optim="sgd",
-                     learning_rate=0.1, lr_scheduler_type="constant", bf16=False, use_cpu=True, report_to=[],
-                     logging_steps=1, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                     gradient_checkpointing=False)  # fmt: skip
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=3,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+    )
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,

@@ -108,7 +108,18 @@ def weight_grad_tiles(
     hidden, weight, n, t, label = _args(hidden, weight, rows)
     need_bias = need_bias and bias is not None
     grad_weight, grad_bias = torch.ops.fastdpo.linear_weight_grad(
-        hidden, weight, bias, n, t, label, lse.contiguous(), grad_rows.float().contiguous(),
-        need_weight, need_bias, plan.row_tile, plan.vocab_tile, half_operands(),
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        n,
+        t,
+        label,
+        lse.contiguous(),
+        grad_rows.float().contiguous(),
+        need_weight,
+        need_bias,
+        plan.row_tile,
+        plan.vocab_tile,
+        half_operands(),
+    )
     return (grad_weight if need_weight else None), (grad_bias if need_bias else None)
