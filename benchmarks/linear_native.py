@@ -3,7 +3,7 @@ TRL: time, peak memory and per-sequence error of a DPO step from hidden states, 
 fresh processes, the processes of all methods interleaved so that a busy machine slows them alike.
 
     python -m benchmarks.linear_native [--shape 2,512,1024,32000] [--dtypes float32,bfloat16]
-        [--methods a,b] [--rounds 3] [--repeats 2] [--resident]
+        [--methods a,b] [--rounds 3] [--repeats 2] [--resident] [--threads N]
 
 Inputs, the DPO loss (sigmoid, beta 0.1, policy + reference through one head, both hidden
 states and head needing gradients for the policy) and the float64 ground truth are those of
@@ -19,7 +19,8 @@ benchmarks/linear_methods.py. Methods:
 - ``liger-eager``: Liger's ``LigerFusedLinearDPOLoss(compiled=False)``, one pair per chunk.
 - ``trl-chunked-logprob``: TRL's ``ChunkedLogProbFunction`` as its DPOTrainer calls it on CPU.
 
-Per method: median seconds of all timed calls (fwd+bwd), the peak resident memory one call adds
+Per method: median seconds of all timed calls (fwd+bwd), the least CPU time of one call (all
+threads; with ``--threads 1`` a measure a busy machine disturbs less), the peak resident memory one call adds
 (``peak``) and that minus the gradients it returns (``working``), measured with glibc returning
 freed buffers (a 64 KB mmap threshold, as benchmarks/probe.py does), and the largest
 per-sequence log-prob error against float64. ``--resident`` times with memory kept resident
@@ -94,6 +95,8 @@ def method(name: str):
 
 def probe(name: str, shape: tuple, dtype: str, rounds: int, error: bool) -> dict:
     """One method in this (fresh) process: peak memory of one call, then ``rounds`` timed calls."""
+    if os.environ.get("FASTDPO_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FASTDPO_BENCH_THREADS"]))
     fn, x = method(name), lm.make_inputs(shape, dtype)
     call = lambda: lm.run_once(fn, x, "forward_backward")  # noqa: E731
     call()  # warm-up: kernel caches, allocator pools
@@ -111,18 +114,19 @@ def probe(name: str, shape: tuple, dtype: str, rounds: int, error: bool) -> dict
     if os.environ.get("FASTDPO_BENCH_RESIDENT") != "1":
         _steady_state_malloc()
     call()
-    times = []
+    times, cpu = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - start)
-    result["times"] = times
+        cpu.append(time.process_time() - start_cpu)
+    result.update(times=times, cpu_times=cpu)
     if error:
         result["max_abs_error"] = lm.max_abs_error(fn, x, lm.float64_policy_logps(x))
     return result
 
 
-def probe_in_subprocess(name, shape, dtype, rounds, error, resident=False) -> dict:
+def probe_in_subprocess(name, shape, dtype, rounds, error, resident=False, threads=None) -> dict:
     # Memory: glibc returns every freed buffer above 64 KB (benchmarks/probe.py explains why).
     # With --resident the whole run keeps memory resident instead (the README's second setting).
     if resident:
@@ -132,6 +136,8 @@ def probe_in_subprocess(name, shape, dtype, rounds, error, resident=False) -> di
         env = dict(
             os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_MAX_="65536"
         )
+    if threads:
+        env["FASTDPO_BENCH_THREADS"] = str(threads)
     args = [sys.executable, "-m", "benchmarks.linear_native", "--probe", name, "--shape", ",".join(map(str, shape)),
             "--dtypes", dtype, "--rounds", str(rounds)] + (["--error"] if error else [])  # fmt: skip
     out = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -140,18 +146,17 @@ def probe_in_subprocess(name, shape, dtype, rounds, error, resident=False) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(shape, dtype, names, rounds, repeats, resident=False) -> list[dict]:
+def compare(shape, dtype, names, rounds, repeats, resident=False, threads=None) -> list[dict]:
     """Every method ``repeats`` times in fresh processes, interleaved; one row per method."""
     runs = {name: [] for name in names}
     for repeat in range(repeats):
         for name in names:
-            runs[name].append(
-                probe_in_subprocess(name, shape, dtype, rounds, error=repeat == 0, resident=resident)
-            )
+            runs[name].append(probe_in_subprocess(name, shape, dtype, rounds, repeat == 0, resident, threads))
     rows = []
     for name, results in runs.items():
         rows.append(dict(
             method=name, median_s=statistics.median(t for r in results for t in r["times"]),
+            min_cpu_s=min(t for r in results for t in r["cpu_times"]),
             peak_bytes=min(r["peak_bytes"] for r in results), working_bytes=min(r["working_bytes"] for r in results),
             logits_bytes=results[0]["logits_bytes"], max_abs_error=results[0]["max_abs_error"],
         ))  # fmt: skip
@@ -163,8 +168,8 @@ def compare(shape, dtype, names, rounds, repeats, resident=False) -> list[dict]:
 def table(rows: list[dict], base: str = "fastdpo-native", peer: str = "liger-eager") -> str:
     by = {r["method"]: r for r in rows}
     mib = 2**20
-    lines = ["| method | median s | x native | x Liger time | peak MiB | working MiB | x Liger peak | max seq err |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | median s | x native | x Liger time | min CPU s | peak MiB | working MiB | x Liger peak | max seq err |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def ratio(r, key, other):
         return f"{r[key] / by[other][key]:.2f}" if other in by and by[other][key] else "-"
@@ -175,6 +180,7 @@ def table(rows: list[dict], base: str = "fastdpo-native", peer: str = "liger-eag
         )
         lines.append(
             f"| {r['method']} | {r['median_s']:.3f} | {ratio(r, 'median_s', base)} | {ratio(r, 'median_s', peer)} | "
+            f"{r['min_cpu_s']:.3f} | "
             f"{memory if r['peak_bytes'] is not None else '- | - | -'} | {r['max_abs_error']:.1e} |"
         )
     return "\n".join(lines)
@@ -190,6 +196,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed calls per process")
     parser.add_argument("--repeats", type=int, default=2, help="processes per method")
     parser.add_argument("--resident", action="store_true", help="time with memory kept resident")
+    parser.add_argument("--threads", type=int, help="torch threads in every probe (default: torch's)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--error", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +206,9 @@ def main() -> None:
         return
     print(f"load average before: {os.getloadavg()}", flush=True)
     for dtype in args.dtypes.split(","):
-        rows = compare(shape, dtype, args.methods.split(","), args.rounds, args.repeats, args.resident)
+        rows = compare(
+            shape, dtype, args.methods.split(","), args.rounds, args.repeats, args.resident, args.threads
+        )
         print(
             f"\n{shape} {dtype}{' (memory kept resident)' if args.resident else ''}\n{table(rows)}",
             flush=True,
