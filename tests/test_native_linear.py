@@ -55,6 +55,7 @@ def test_operand_choice_and_the_forced_float32_path(monkeypatch):
         native_linear.half_operands()
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own note
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_without_onednn(dtype):
     """With oneDNN off, brgemm has no ukernel: bfloat16 inputs take float32 operands and the
