@@ -55,6 +55,17 @@ def test_operand_choice_and_the_forced_float32_path(monkeypatch):
         native_linear.half_operands()
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own note
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_without_onednn(dtype):
+    """With oneDNN off, brgemm has no ukernel: bfloat16 inputs take float32 operands and the
+    float32 products go through ATen's fallback GEMM, still exact to float32."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert native_linear.operand_dtype(torch.bfloat16, 16) == torch.float32
+        hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
+        _check("native", hidden, weight, bias, labels, tiles=(5, 8))
+
+
 @needs_bf16_cpu
 def test_the_two_paths_really_differ_and_agree(monkeypatch):
     """On a bf16 CPU the default path multiplies in bfloat16: not bitwise the float32 path's
