@@ -88,6 +88,27 @@ def float64_token_logps(
     return torch.where(labels != ignore_index, picked, 0.0)
 
 
+def float64_token_statistics(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX, shift: bool = True
+) -> dict[str, torch.Tensor]:
+    """The fields of ``fastdpo.logps.TokenStatistics`` exactly, ``[N, T']``: float64 entropy,
+    ``log sum p^2`` and mean logit of each position's ``softmax(logits)``, and bool ``is_top1``
+    (the label is the first maximum); 0 / False at ignored labels."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    x = logits.double()
+    logp = torch.log_softmax(x, -1)
+    p = logp.exp()
+    stats = {
+        "entropy": -torch.where(p > 0, p * logp, 0.0).sum(-1),  # a masked entry (p = 0) adds 0
+        "log_sum_sq_probs": torch.logsumexp(2 * logp, -1),
+        "is_top1": x.argmax(-1) == labels,  # argmax: the first maximum
+        "mean_logits": x.mean(-1),
+    }
+    counted = labels != ignore_index
+    return {k: torch.where(counted, v, torch.zeros((), dtype=v.dtype)) for k, v in stats.items()}
+
+
 def _chunked_sequence_sums(
     labels: torch.Tensor, logits_at: Callable[[int, slice], torch.Tensor], rows: int, ignore_index: int
 ) -> torch.Tensor:

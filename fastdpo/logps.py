@@ -118,23 +118,25 @@ class _Settings:
     ignore_index: int
     shift: bool
     inplace_backward: bool
+    statistics: bool = False
 
 
 class _FusedLogps(torch.autograd.Function):
-    """(token_logps, sequence_logps, logit_sums) from one kernel pass; one pass back."""
+    """(token_logps, sequence_logps, logit_sums, *statistics) from one kernel pass; one pass back."""
 
     @staticmethod
     def forward(ctx, logits, labels, settings: _Settings):
-        token_logps, lse, sequence_logps, logit_sums = settings.backend.forward(
+        kernel = settings.backend.forward_statistics if settings.statistics else settings.backend.forward
+        token_logps, lse, sequence_logps, *rest = kernel(
             logits, labels, settings.ignore_index, settings.shift
         )
         ctx.settings = settings
         ctx.save_for_backward(logits, labels, lse)
-        ctx.mark_non_differentiable(logit_sums)
-        return token_logps, sequence_logps, logit_sums
+        ctx.mark_non_differentiable(*rest)
+        return token_logps, sequence_logps, *rest
 
     @staticmethod
-    def backward(ctx, grad_tokens, grad_sequences, _grad_logit_sums):
+    def backward(ctx, grad_tokens, grad_sequences, *_no_grad_outputs):
         logits, labels, lse = ctx.saved_tensors
         s: _Settings = ctx.settings
         grad = logits_grad(
@@ -151,11 +153,25 @@ class _FusedLogps(torch.autograd.Function):
         return grad, None, None
 
 
+class TokenStatistics(NamedTuple):
+    """Per-position statistics of the next-token distribution ``p = softmax(row)`` (float32
+    row), ``[N, T']``, 0 / False where the label is ignored; no gradient flows through them.
+    They are what TRL's metrics and losses read besides the log-probs: the ``entropy`` metric,
+    ``log_sum_sq_probs`` for WPO's weights (``use_weighting``), ``is_top1`` for
+    ``mean_token_accuracy``."""
+
+    entropy: torch.Tensor  # float32: -sum_v p_v log p_v
+    log_sum_sq_probs: torch.Tensor  # float32: log sum_v p_v^2
+    is_top1: torch.Tensor  # bool: the label is the row's first maximum (as argmax counts it)
+    mean_logits: torch.Tensor  # float32: mean of the row's logits over the vocabulary
+
+
 class FusedLogps(NamedTuple):
     token_logps: torch.Tensor  # [N, T'] float32
     sequence_logps: torch.Tensor  # [N] float32 sums
     counts: torch.Tensor  # [N] int64: counted tokens per sequence
     logit_sums: torch.Tensor  # [N] float32: sum of logits over counted rows and the vocabulary
+    statistics: TokenStatistics | None = None  # only when asked for (statistics=True)
 
 
 def fused_logps(
@@ -166,8 +182,12 @@ def fused_logps(
     shift: bool = True,
     backend: str = "auto",
     inplace_backward: bool = False,
+    statistics: bool = False,
 ) -> FusedLogps:
     """Everything the DPO losses need from the logits, in one pass (see :class:`FusedLogps`).
+
+    ``statistics=True`` also returns :class:`TokenStatistics` from the same pass (the logits
+    are still read once); without it nothing of them is computed.
 
     ``inplace_backward=True`` writes the gradient of the logits into their own storage (no
     second ``[N, T, V]`` buffer). The logits must then not alias themselves (an ``expand()``ed
@@ -175,14 +195,18 @@ def fused_logps(
     counter, so autograd raises if anything saved them (a second backward with
     ``retain_graph=True``, an earlier op that saved the logits) rather than reading gradients.
     """
-    ignore_index = check_options(ignore_index, backend, shift=shift, inplace_backward=inplace_backward)
+    ignore_index = check_options(
+        ignore_index, backend, shift=shift, inplace_backward=inplace_backward, statistics=statistics
+    )
     check_inputs(logits, labels, ignore_index, shift, inplace_backward)
     labels = labels.long()
     chosen = resolve_backend(backend, logits.device)
-    settings = _Settings(chosen, ignore_index, shift, inplace_backward)
-    token, sequence, logit_sums = _FusedLogps.apply(logits, labels, settings)
+    if statistics and chosen.forward_statistics is None:
+        raise ValueError(f"statistics=True is not implemented by the {chosen.name!r} backend yet")
+    settings = _Settings(chosen, ignore_index, shift, inplace_backward, statistics)
+    token, sequence, logit_sums, *stats = _FusedLogps.apply(logits, labels, settings)
     counts = (scored_labels(labels, shift) != ignore_index).sum(-1)
-    return FusedLogps(token, sequence, counts, logit_sums)
+    return FusedLogps(token, sequence, counts, logit_sums, TokenStatistics(*stats) if stats else None)
 
 
 def token_logps(

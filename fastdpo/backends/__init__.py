@@ -12,6 +12,13 @@ Every backend provides the same two kernels (plain functions, no autograd):
     ``logit_sums [N]`` (sum over counted positions of the sum of the row's logits, for the
     ``logits/chosen`` metric). Rows whose label is ignored are never read.
 
+``forward_statistics(logits, labels, ignore_index, shift) -> (*forward, entropy, log_sum_sq_probs, is_top1, mean_logits)``
+    The same pass as ``forward`` (same first four outputs, bitwise), also producing per
+    position ``[N, T']``: float32 ``entropy`` ``-sum p log p``, float32 ``log_sum_sq_probs``
+    ``log sum p^2``, bool ``is_top1`` (the label is the first maximum of the row, as
+    ``argmax`` counts it) and float32 ``mean_logits`` (mean of the row's logits), all of the
+    softmax of the float32 row; 0 / False where ignored. No gradient flows through them.
+
 ``backward(logits, labels, lse, grad_rows, ignore_index, shift, inplace) -> grad_logits``
     ``grad_rows [N, T']`` float32 is the upstream gradient of each position's log-prob.
     Returns ``grad_rows * (onehot(label) - softmax(logits))`` for counted rows and 0 elsewhere

@@ -23,6 +23,9 @@ class Backend:
     lse_fold: Callable
     softmax_grad_tile: Callable
     supports: Callable[[torch.device], bool]  # can this backend run tensors on that device?
+    # forward plus the per-token statistics of TokenStatistics (fastdpo/logps.py); a separate
+    # kernel so that callers who do not ask for them pay nothing
+    forward_statistics: Callable | None = None
 
 
 def out_len(time: int, shift: bool) -> int:

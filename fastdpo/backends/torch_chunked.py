@@ -23,6 +23,14 @@ def _chunks(num_rows: int, vocab: int):
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    return _forward(logits, labels, ignore_index, shift, statistics=False)
+
+
+def forward_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    return _forward(logits, labels, ignore_index, shift, statistics=True)
+
+
+def _forward(logits, labels, ignore_index: int, shift: bool, statistics: bool):
     n, t, vocab = logits.shape
     out_t = out_len(t, shift)
     device = logits.device
@@ -32,20 +40,55 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift
     # order of addition does not cost accuracy (a few bytes per sequence).
     sequence_logps = torch.zeros(n, dtype=torch.float64, device=device)
     logit_sums = torch.zeros(n, dtype=torch.float64, device=device)
+    stats = _empty_statistics(n, out_t, device) if statistics else None
     n_idx, t_idx, target = counted_rows(labels, ignore_index, shift)
     for part in _chunks(n_idx.numel(), vocab):
         rows_n, rows_t, lab = n_idx[part], t_idx[part], target[part]
         x = logits[rows_n, rows_t].float()  # [rows, V], a fresh copy: the only working buffer
-        logit_sums.index_add_(0, rows_n, x.sum(dim=-1).double())  # a row: float32 pairwise sum
+        row_sum = x.sum(dim=-1)  # a row: float32 pairwise sum
+        logit_sums.index_add_(0, rows_n, row_sum.double())
         label_logit = x.gather(1, lab.unsqueeze(1)).squeeze(1)
         row_max = x.amax(dim=-1)
-        row_lse = x.sub_(row_max.unsqueeze(1)).exp_().sum(dim=-1).log_().add_(row_max)
+        if stats is not None:  # before x is overwritten: the label against the first maximum
+            stats["is_top1"][rows_n, rows_t] = x.argmax(dim=-1) == lab
+            stats["mean_logits"][rows_n, rows_t] = row_sum / vocab
+        # A row that is all -inf (masked) subtracts 0, not -inf (which would give NaN).
+        offset = torch.where(row_max == -torch.inf, 0.0, row_max).unsqueeze(1)
+        shifted = x.sub_(offset)
+        if stats is not None:
+            _fold_statistics(stats, shifted, rows_n, rows_t)
+        row_lse = shifted.exp_().sum(dim=-1).log_().add_(row_max)
         picked = label_logit - row_lse
         token_logps[rows_n, rows_t] = picked
         lse[rows_n, rows_t] = row_lse
         sequence_logps.index_add_(0, rows_n, picked.double())
     sequence_logps, logit_sums = sequence_logps.float(), logit_sums.float()
-    return token_logps, lse, sequence_logps, logit_sums
+    if stats is None:
+        return token_logps, lse, sequence_logps, logit_sums
+    return token_logps, lse, sequence_logps, logit_sums, *stats.values()
+
+
+def _empty_statistics(n: int, out_t: int, device) -> dict[str, torch.Tensor]:
+    """The ``[N, T']`` outputs of ``forward_statistics``, in its order; zeros where ignored."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return {
+        "entropy": torch.zeros(n, out_t, **f32),
+        "log_sum_sq_probs": torch.zeros(n, out_t, **f32),
+        "is_top1": torch.zeros(n, out_t, dtype=torch.bool, device=device),
+        "mean_logits": torch.zeros(n, out_t, **f32),
+    }
+
+
+def _fold_statistics(stats, shifted: torch.Tensor, rows_n, rows_t) -> None:
+    """Entropy and ``log sum p^2`` of rows given as ``x - max(x)``, without a log-softmax copy:
+    with ``e = exp(x - m)`` and ``s = sum e``, entropy ``= log s - sum(e (x - m)) / s`` and
+    ``log sum p^2 = log sum e^2 - 2 log s``. A masked entry (``e = 0``, ``x - m = -inf``) adds 0."""
+    e = shifted.exp()
+    s = e.sum(dim=-1)
+    weighted = torch.where(e > 0, e * shifted, 0.0).sum(dim=-1)
+    log_s = s.log()
+    stats["entropy"][rows_n, rows_t] = log_s - weighted / s
+    stats["log_sum_sq_probs"][rows_n, rows_t] = e.square_().sum(dim=-1).log_() - 2 * log_s
 
 
 def backward(
@@ -101,4 +144,12 @@ def softmax_grad_tile(
 
 
 def load() -> Backend:
-    return Backend("torch", forward, backward, lse_fold, softmax_grad_tile, supports=lambda device: True)
+    return Backend(
+        "torch",
+        forward,
+        backward,
+        lse_fold,
+        softmax_grad_tile,
+        supports=lambda device: True,
+        forward_statistics=forward_statistics,
+    )
