@@ -4,6 +4,7 @@ output directory (issue 13, items 2 and 3)."""
 import json
 import os
 import pathlib
+import pickle
 import signal
 import socket
 import subprocess
@@ -276,3 +277,18 @@ def test_under_torchrun_every_rank_raises_the_error_of_rank_0(tmp_path):
     assert refused[1] == "rank 1" + refused[0].removeprefix("rank 0")  # the same one-line error
     assert "checkpoint-notes.txt" in refused[0] and same_files(out, files)
     assert each_rank_says(tmp_path / "new") == ["rank 0 writes", "rank 1 writes"]
+
+
+def test_an_error_that_cannot_be_pickled_reaches_the_other_ranks_as_its_message(monkeypatch):
+    from fastdpo.train import dist
+
+    class Refused(ValueError):  # a local class: pickle cannot name it
+        pass
+
+    sent = []
+    monkeypatch.setattr(dist, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(dist.dist, "broadcast_object_list", lambda box, src: sent.append(pickle.dumps(box)))
+    error = Refused("the output directory is a file")
+    assert dist.rank0_outcome(error) is error  # rank 0 raises its own error
+    (received,) = pickle.loads(sent[0])
+    assert type(received) is RuntimeError and str(received) == "Refused: the output directory is a file"

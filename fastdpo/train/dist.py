@@ -45,19 +45,20 @@ def rank0_outcome(error: Exception | None) -> Exception | None:
 
     Collective: every rank calls it at the same point. Only rank 0 checks some things (the output
     directory, which only it writes), and the others must not go on where it stopped. An error
-    that cannot be pickled arrives as a RuntimeError with its type and message.
+    that cannot be pickled reaches the other ranks as a RuntimeError with its type and message.
     """
     rank, world = rank_and_world()
     if world == 1:
         return error
-    if rank == 0 and error is not None:
+    sent = error if rank == 0 else None
+    if sent is not None:
         try:
-            pickle.dumps(error)
+            pickle.dumps(sent)
         except Exception:
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-    box = [error if rank == 0 else None]
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+    box = [sent]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return error if rank == 0 else box[0]
 
 
 def default_device(world: int) -> str:
