@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.conftest import bench_size, timing
 from benchmarks.trainer_steps import SETUPS, make_assets
-from benchmarks.trl_steps import DTYPES, METHODS, probe_in_subprocess, trl_step
+from benchmarks.trl_steps import DTYPES, METHODS, make_step, probe_in_subprocess
 
 pytest.importorskip("trl")
 
@@ -37,5 +37,5 @@ def test_trl_training_step(benchmark, assets, method, dtype, tmp_path, request):
     )
     memory = probe_in_subprocess(method, dtype, directory, rounds=0)
     benchmark.extra_info.update(method=method, dtype=dtype, **memory)
-    step = trl_step(method, dtype, directory, str(tmp_path))
+    step = make_step(method, dtype, directory, str(tmp_path))
     benchmark.pedantic(step, iterations=1, **dict(timing(request.config), warmup_rounds=2))

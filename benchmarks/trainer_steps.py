@@ -28,8 +28,11 @@ import gc
 import json
 import pathlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -157,8 +160,12 @@ def fastdpo_step(directory: pathlib.Path, output_dir: str, fused_linear: bool | 
     return lambda: trainer.training_step(trainer._step_indices(next(steps)))
 
 
-def trl_step(directory: pathlib.Path, output_dir: str):
-    """A zero-argument function running one optimizer step of TRL's DPOTrainer, as its loop does."""
+def trl_step(directory: pathlib.Path, output_dir: str, trainer_class=None, bf16: bool = False):
+    """A zero-argument function running one optimizer step of TRL's DPOTrainer, as its loop does.
+
+    ``trainer_class``: TRL's ``DPOTrainer`` (the default) or a subclass such as
+    ``fastdpo.trl.DPOTrainer``; ``bf16``: TRL's option (float32 weights under bfloat16 autocast).
+    """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -173,7 +180,7 @@ def trl_step(directory: pathlib.Path, output_dir: str):
         max_steps=1000,
         report_to=[],
         use_cpu=True,
-        bf16=False,
+        bf16=bf16,
         gradient_checkpointing=False,
         save_strategy="no",
         logging_steps=10**6,
@@ -181,11 +188,14 @@ def trl_step(directory: pathlib.Path, output_dir: str):
         max_grad_norm=1.0,
     )
     data = Dataset.from_list(records)
-    trainer = DPOTrainer(
+    trainer = (trainer_class or DPOTrainer)(
         model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
-    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before each step
+    # What Trainer's loop does before the first step: wrap the model (accelerate's autocast for
+    # bf16; in float32 on CPU the model itself) and set the accumulation count.
+    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+    trainer.current_gradient_accumulation_steps = 1
     batches = iter(trainer.get_train_dataloader())
 
     def step():
@@ -195,7 +205,7 @@ def trl_step(directory: pathlib.Path, output_dir: str):
         except StopIteration:
             batches = iter(trainer.get_train_dataloader())
             inputs = next(batches)
-        trainer.training_step(trainer.model, inputs)
+        trainer.training_step(trainer.model_wrapped, inputs)
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
@@ -212,9 +222,10 @@ def fastdpo_logits_step(directory: pathlib.Path, output_dir: str):
 STEPS = {"fastdpo": fastdpo_step, "fastdpo_logits": fastdpo_logits_step, "trl": trl_step}
 
 
-def probe(method: str, directory: pathlib.Path, rounds: int) -> dict:
+def measure(make_step: Callable[[str], Callable[[], None]], rounds: int) -> dict:
+    """Memory and times of the step ``make_step(output_dir)`` builds (see the module docstring)."""
     with tempfile.TemporaryDirectory() as out:
-        step = STEPS[method](directory, out)
+        step = make_step(out)
         gc.collect()
         before = status_kb("VmRSS")  # models, reference, data and trainer built; no step yet
         with open("/proc/self/clear_refs", "w") as f:
@@ -233,42 +244,46 @@ def probe(method: str, directory: pathlib.Path, rounds: int) -> dict:
         return result
 
 
+def probe(method: str, directory: pathlib.Path, rounds: int) -> dict:
+    return measure(lambda out: STEPS[method](directory, out), rounds)
+
+
+def run_fresh(
+    module: str, arguments: list[str], directory: pathlib.Path, rounds: int, timeout: float | None = None
+) -> dict:
+    """``python -m module *arguments --rounds K --dir DIR`` in a fresh interpreter (so that no
+    trainer's allocations hide another's): the JSON line it prints last."""
+    command = [sys.executable, "-m", module, *arguments, "--rounds", str(rounds), "--dir", str(directory)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} probe failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def probe_in_subprocess(
     method: str, directory: pathlib.Path, rounds: int, timeout: float | None = None
 ) -> dict:
     """:func:`probe` in a fresh interpreter, so that neither trainer's allocations hide the other's."""
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.trainer_steps",
-        method,
-        "--rounds",
-        str(rounds),
-        "--dir",
-        str(directory),
-    ]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"{method} probe failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh("benchmarks.trainer_steps", [method], directory, rounds, timeout)
 
 
 def compare(directory: pathlib.Path, rounds: int) -> dict:
     """Both trainers side by side (fresh process each) and fastdpo / TRL ratios."""
     rows = {method: probe_in_subprocess(method, directory, rounds) for method in ("fastdpo", "trl")}
+    return with_ratios(rows, "fastdpo", "trl")
+
+
+def with_ratios(rows: dict, ours: str, theirs: str) -> dict:
+    """``rows`` (one per trainer) with the ratios ``ours`` / ``theirs`` of time and memory."""
     for key in ("median_s", "step_peak_bytes", "peak_rss_bytes"):
-        rows[f"ratio_{key}"] = rows["fastdpo"][key] / rows["trl"][key]
+        rows[f"ratio_{key}"] = rows[ours][key] / rows[theirs][key]
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("method", choices=sorted(STEPS) + ["compare"])
+def command_line(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The options of ``python -m benchmarks.<module> METHOD|compare --rounds K [--size] [--dir]``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("method", choices=[*methods, "compare"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--size", choices=sorted(SETUPS), default="full", help="without --dir (default: full)"
@@ -276,13 +291,22 @@ def main() -> None:
     parser.add_argument(
         "--dir", help="assets made by make_assets (default: make them in a temporary directory)"
     )
-    args = parser.parse_args()
-    run = compare if args.method == "compare" else lambda d, r: probe(args.method, d, r)
+    return parser
+
+
+def print_run(args: argparse.Namespace, run: Callable[[pathlib.Path, int], dict]) -> None:
+    """Print ``run(assets directory, rounds)`` as one JSON line; the assets are ``--dir``'s, or made
+    for ``--size`` in a temporary directory."""
     if args.dir:
         print(json.dumps(run(pathlib.Path(args.dir), args.rounds)))
         return
     with tempfile.TemporaryDirectory() as directory:
         print(json.dumps(run(make_assets(pathlib.Path(directory), SETUPS[args.size]), args.rounds)))
+
+
+def main() -> None:
+    args = command_line(__doc__, sorted(STEPS)).parse_args()
+    print_run(args, compare if args.method == "compare" else lambda d, r: probe(args.method, d, r))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdpo.functional import check_loss_options, preference_loss
+from fastdpo.functional import check_loss_options, check_number, preference_loss
 from fastdpo.linear import fused_linear_logps
 from fastdpo.linear_dpo import DEFAULT_MEMORY_BUDGET_MIB, loss_in_forward
 from fastdpo.logps import FusedLogps, fused_logps
@@ -289,7 +289,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
 
     def __init__(self, *args, memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not memory_budget_mib >= 0:
+        if check_number("memory_budget_mib", memory_budget_mib) < 0:
             raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
         self.memory_budget_mib = memory_budget_mib
 

@@ -141,6 +141,9 @@ NAN, INF = float("nan"), float("inf")
 NOT_INT = "ignore_index must be an int"
 SEQUENCE_FNS = ("sequence_logps", "linear_sequence_logps")
 PAIRS = ("preference_loss",)
+FUSED_LOSS = ("FusedLinearDPOLoss",)
+BUDGET_NUMBER = "memory_budget_mib must be a real number"
+BUDGET_FINITE = "memory_budget_mib must be a finite number"
 BAD = [
     # dtypes
     Bad("float64 logits", LOGITS, _map("logits", torch.Tensor.double), TypeError, "logits must be float32"),
@@ -201,6 +204,13 @@ BAD = [
     Bad("beta nan", LOSSES, _option(beta=NAN), ValueError, "beta"),
     Bad("NaN loss_weights", LOSSES, _option(loss_weights=[NAN]), ValueError, r"loss_weights\[0\]"),
     Bad("ignore_index str", MODULES, _option(ignore_index="-100"), TypeError, "ignore_index"),
+    # FusedLinearDPOLoss(memory_budget_mib=...): MiB of softmax tiles kept for the backward; 0 keeps none
+    Bad("budget -1", FUSED_LOSS, _option(memory_budget_mib=-1), ValueError, "memory_budget_mib must be >= 0"),
+    Bad("budget '64'", FUSED_LOSS, _option(memory_budget_mib="64"), TypeError, BUDGET_NUMBER),
+    Bad("budget None", FUSED_LOSS, _option(memory_budget_mib=None), TypeError, BUDGET_NUMBER),
+    Bad("budget True", FUSED_LOSS, _option(memory_budget_mib=True), TypeError, BUDGET_NUMBER),
+    Bad("budget nan", FUSED_LOSS, _option(memory_budget_mib=NAN), ValueError, BUDGET_FINITE),
+    Bad("budget inf", FUSED_LOSS, _option(memory_budget_mib=INF), ValueError, BUDGET_FINITE),
 ]
 
 

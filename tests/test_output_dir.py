@@ -4,6 +4,7 @@ output directory (issue 13, items 2 and 3)."""
 import json
 import os
 import pathlib
+import pickle
 import signal
 import socket
 import subprocess
@@ -239,3 +240,55 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
         assert outer and not inner
         assert (tmp_path / ".fastdpo.lock").exists()
     assert not (tmp_path / ".fastdpo.lock").exists()
+
+
+# ----------------------------------------------------------------------------- under torchrun
+# Each rank holds the output directory as the trainer and the command do: only rank 0 checks it.
+RANKS = """
+import sys
+from fastdpo.train.dist import close_distributed, init_distributed, rank_and_world
+from fastdpo.train.run_dir import RunDir
+init_distributed()
+rank = rank_and_world()[0]
+run_dir = RunDir(sys.argv[1], enabled=rank == 0)
+try:
+    with run_dir.writing(), run_dir.writing():  # the inner one (nested) exchanges nothing
+        print(f"rank {rank} writes", flush=True)
+except ValueError as error:
+    print(f"rank {rank} refused: {type(error).__name__}: {error}", flush=True)
+close_distributed()
+"""
+
+
+def each_rank_says(out: pathlib.Path) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["--no-python", sys.executable, "-c", RANKS, str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+
+
+def test_under_torchrun_every_rank_raises_the_error_of_rank_0(tmp_path):
+    out = tmp_path / "run"
+    files = users_files(out)
+    refused = each_rank_says(out)
+    assert len(refused) == 2 and refused[0].startswith("rank 0 refused: OutputDirError: ")
+    assert refused[1] == "rank 1" + refused[0].removeprefix("rank 0")  # the same one-line error
+    assert "checkpoint-notes.txt" in refused[0] and same_files(out, files)
+    assert each_rank_says(tmp_path / "new") == ["rank 0 writes", "rank 1 writes"]
+
+
+def test_an_error_that_cannot_be_pickled_reaches_the_other_ranks_as_its_message(monkeypatch):
+    from fastdpo.train import dist
+
+    class Refused(ValueError):  # a local class: pickle cannot name it
+        pass
+
+    sent = []
+    monkeypatch.setattr(dist, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(dist.dist, "broadcast_object_list", lambda box, src: sent.append(pickle.dumps(box)))
+    error = Refused("the output directory is a file")
+    assert dist.rank0_outcome(error) is error  # rank 0 raises its own error
+    (received,) = pickle.loads(sent[0])
+    assert type(received) is RuntimeError and str(received) == "Refused: the output directory is a file"

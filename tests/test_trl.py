@@ -16,6 +16,7 @@ trl = pytest.importorskip("trl")
 import trl.trainer.utils as trl_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from lm_helpers import PAIRS, build_tokenizer  # noqa: E402
+from trl_helpers import sgd_config  # noqa: E402
 
 import fastdpo.trl  # noqa: E402
 import fastdpo.trl.lm_head as fastdpo_lm_head  # noqa: E402
@@ -88,29 +89,10 @@ def tiny_lm(tokenizer, kind: str = "gpt2"):
 
 
 def train(trainer_cls, tokenizer, kind="gpt2", model=None, with_ref=True, peft_config=None, **config):
-    """Train 3 steps of 2 pairs on PAIRS; returns (log history, weight updates, trainer).
-
-    Plain SGD: an update is then the gradient times the learning rate, so comparing updates
-    compares gradients. (Adam divides each gradient by its running scale, which turns float32
-    rounding in a near-zero gradient into a step of up to the learning rate.)
-    """
+    """Train 3 steps of 2 pairs on PAIRS (trl_helpers.sgd_config); returns (log history, weight
+    updates, trainer)."""
     model = tiny_lm(tokenizer, kind) if model is None else model
-    options = dict(
-        output_dir="unused",
-        per_device_train_batch_size=2,
-        max_steps=3,
-        optim="sgd",
-        learning_rate=0.1,
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
-    )
-    args = trl.DPOConfig(**(options | config))
+    args = sgd_config("unused", **(dict(per_device_train_batch_size=2) | config))
     trainer = trainer_cls(
         model=model,
         ref_model=copy.deepcopy(model) if with_ref else None,

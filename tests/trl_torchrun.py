@@ -13,33 +13,18 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # lm_helpers, when run as a script
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # lm_helpers, trl_helpers, as a script
 
 
 def run(model_dir: str, output_dir: str, batch_size: int):
     from datasets import Dataset
     from lm_helpers import PAIRS
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig
+    from trl_helpers import sgd_config
 
     from fastdpo.trl import DPOTrainer
 
-    args = DPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
-        max_steps=3,
-        optim="sgd",
-        learning_rate=0.1,
-        lr_scheduler_type="constant",
-        bf16=False,
-        use_cpu=True,
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        gradient_checkpointing=False,
-    )
+    args = sgd_config(output_dir, per_device_train_batch_size=batch_size, lr_scheduler_type="constant")
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,

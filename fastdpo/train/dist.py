@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,27 @@ def close_distributed() -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def rank0_outcome(error: Exception | None) -> Exception | None:
+    """Rank 0's ``error`` (None: it succeeded), on every rank; the other ranks' argument is ignored.
+
+    Collective: every rank calls it at the same point. Only rank 0 checks some things (the output
+    directory, which only it writes), and the others must not go on where it stopped. An error
+    that cannot be pickled reaches the other ranks as a RuntimeError with its type and message.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return error
+    sent = error if rank == 0 else None
+    if sent is not None:
+        try:
+            pickle.dumps(sent)
+        except Exception:
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+    box = [sent]
+    dist.broadcast_object_list(box, src=0)
+    return error if rank == 0 else box[0]
 
 
 def default_device(world: int) -> str:

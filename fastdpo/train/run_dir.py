@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from fastdpo.train import run_lock
 from fastdpo.train.checkpoint import CHECKPOINT, TEMPORARY, TEMPORARY_FILE, notice, remove_stale_temporaries
+from fastdpo.train.dist import rank0_outcome
 from fastdpo.train.manifest import foreign_entries
 
 RUN_MARKER = ".fastdpo-run"
@@ -129,8 +130,8 @@ def check(directory: str | os.PathLike, metrics_file: str, overwrite: bool) -> S
 
 class RunDir:
     """A trainer's output directory: locked while written, checked whenever this process takes the
-    lock, cleared of earlier runs' outputs when a new run starts. Does nothing when not ``enabled``
-    (the ranks other than 0, which write nothing)."""
+    lock, cleared of earlier runs' outputs when a new run starts. Not ``enabled`` (the ranks other
+    than 0, which write nothing), it only learns in :meth:`writing` whether rank 0 refused it."""
 
     def __init__(
         self,
@@ -143,6 +144,7 @@ class RunDir:
         self.metrics_file, self.overwrite, self.enabled = metrics_file, overwrite, enabled
         self.started = False
         self.metrics_start: int | None = None  # size of the metrics log before this trainer's first line
+        self.depth = 0  # writing() blocks this process is in
 
     @classmethod
     def for_config(cls, config, enabled: bool = True) -> RunDir:
@@ -150,10 +152,34 @@ class RunDir:
         return cls(config.output_dir, config.metrics_file, config.overwrite_output_dir, enabled=enabled)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
+    def writing(self, every_rank: bool = True) -> Iterator[None]:
+        """Hold the directory for the ``with`` block: lock it, and check it when this process takes the lock.
+
+        ``every_rank`` (the default): every rank of a process group calls it at this point, and
+        when rank 0 refuses the directory (only it checks, as only it writes) every rank raises
+        its error, so that none goes on without it; the outermost call exchanges the outcome.
+        False: the code runs on rank 0 alone, which must then hold the directory already or run
+        without a process group.
+        """
+        with contextlib.ExitStack() as held:
+            error = None
+            if self.enabled:
+                try:
+                    held.enter_context(self._held())
+                except Exception as refused:  # every rank raises it, below
+                    error = refused
+            if every_rank and self.depth == 0:
+                error = rank0_outcome(error)
+            if error is not None:
+                raise error
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
         if self.directory.exists() and not self.directory.is_dir():
             raise OutputDirError(f"{self.directory}: the output directory is a file")
         created = not self.directory.exists()
@@ -172,7 +198,7 @@ class RunDir:
         outputs of earlier runs (keeping the metrics lines this trainer wrote already)."""
         if not self.enabled or self.started:
             return
-        with self.writing():
+        with self.writing(every_rank=False):  # rank 0 alone, within train()'s hold
             self.started = True
             remove_stale_temporaries(self.directory)
             if resume:
@@ -199,7 +225,7 @@ class RunDir:
         """One JSON line in the metrics log (listed in ``.fastdpo-run`` before its first line)."""
         if not self.enabled or not self.metrics_file:
             return
-        with self.writing():
+        with self.writing(every_rank=False):  # rank 0 alone
             path = self.directory / self.metrics_file
             if self.metrics_start is None:
                 record_file(self.directory, self.metrics_file)
@@ -209,7 +235,8 @@ class RunDir:
 
 
 def writes_output_dir(method):
-    """For ``DPOTrainer`` methods that write into the output directory: hold ``self.run_dir`` for the call."""
+    """For ``DPOTrainer`` methods that write into the output directory: hold ``self.run_dir`` for
+    the call (every rank calls them, so every rank learns whether rank 0 may write there)."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
