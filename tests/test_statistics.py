@@ -8,10 +8,11 @@ import torch
 
 from benchmarks.ground_truth import float64_token_statistics
 from fastdpo import fused_logps
+from fastdpo.backends import common
 from tests.helpers import DTYPES, assert_close_verbose, make_inputs
 
 # Backends whose forward_statistics kernel exists; a backend joins by adding its name.
-STAT_BACKENDS = ["torch"]
+STAT_BACKENDS = ["torch", "triton"]
 SHAPES = [(2, 7, 33), (3, 5, 1000), (1, 9, 4099)]
 # float32 sums over V of p log p and p^2; the mean logit is a float32 sum over V divided by V.
 STAT_ATOL = 2e-4
@@ -104,3 +105,21 @@ def test_large_logits_give_finite_statistics(backend):
     logits, labels = make_inputs(2, 5, 100, dtype=torch.float32, seed=4)
     logits = logits * 1e4  # a one-hot distribution: entropy 0 up to rounding, log sum p^2 = 0
     check_statistics(logits, labels, backend)
+
+
+@pytest.mark.parametrize("backend", STAT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_statistics_over_many_blocks_with_a_growing_max(monkeypatch, backend, dtype):
+    """Blocks of 64 (the triton kernel's online fold; the torch backend has no blocks): the max
+    grows block after block, so every rescale of the running sums is exercised; a masked block
+    (-inf) comes first in some rows, the last block is partial, and ties straddle blocks."""
+    monkeypatch.setattr(common, "MAX_BLOCK_V", 64)
+    logits, labels = make_inputs(2, 6, 1000, dtype=torch.float32, seed=3)
+    logits = logits + torch.linspace(0, 12, 1000)
+    logits[0, :, :64] = -torch.inf  # a whole masked block before the first finite one
+    logits[1, 2, 10] = logits[1, 2, 900] = 40.0  # equal maxima in blocks 0 and 14: the first wins
+    labels[1, 3], labels[0, 2] = 900, 999  # a tied label that is not the top-1; a late one
+    labels[0] = labels[0].clamp(min=64)
+    check_statistics(logits.to(dtype), labels, backend)
+    out = fused_logps(logits.to(dtype), labels, backend=backend, statistics=True)
+    assert not out.statistics.is_top1[1, 2]

@@ -134,6 +134,31 @@ def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.T
     return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum
 
 
+def stats_fold(
+    tile: torch.Tensor,
+    running_max: torch.Tensor,
+    running_sum: torch.Tensor,
+    running_weighted: torch.Tensor,
+    running_sq: torch.Tensor,
+):
+    """``lse_fold`` (the same ops, so the same bits) plus the statistics' running sums and the
+    tile's first maximum (contract in fastdpo/backends/__init__.py)."""
+    top = tile.argmax(dim=1)  # before the subtraction, which can round two maxima into a tie
+    logit_sum = tile.sum(dim=1)
+    new_max = torch.maximum(running_max, tile.amax(dim=1))
+    offset = torch.where(new_max == -torch.inf, 0.0, new_max)
+    rescale = torch.exp(running_max - offset)
+    centred = tile.sub_(offset.unsqueeze(1))
+    # A masked entry (e = 0, centred -inf) adds 0; where the old sum is empty (running max
+    # -inf) the shift of its origin adds 0: the -inf is selected away, never multiplied by 0.
+    weighted = torch.where(centred == -torch.inf, 0.0, centred).mul_(centred.exp()).sum(dim=1)
+    w_shift = torch.where(running_max == -torch.inf, 0.0, running_max - offset) * running_sum
+    tile.exp_()
+    new_weighted = rescale * (running_weighted + w_shift) + weighted
+    new_sq = rescale * rescale * running_sq + tile.square().sum(dim=1)
+    return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum, new_weighted, new_sq, top
+
+
 def softmax_grad_tile(
     tile: torch.Tensor, labels_local: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor
 ):
@@ -152,4 +177,5 @@ def load() -> Backend:
         softmax_grad_tile,
         supports=lambda device: True,
         forward_statistics=forward_statistics,
+        stats_fold=stats_fold,
     )
