@@ -16,7 +16,14 @@ import torch
 from fastdpo.backends import Backend, linear_tiles, resolve_backend
 from fastdpo.backends.common import combine_grad_rows, counted_rows, out_len, scored_labels
 from fastdpo.backends.linear_tiles import Rows, TilePlan, plan_tiles
-from fastdpo.logps import FLOAT_DTYPES, FusedLogps, check_holds_data, check_labels, check_options
+from fastdpo.logps import (
+    FLOAT_DTYPES,
+    FusedLogps,
+    TokenStatistics,
+    check_holds_data,
+    check_labels,
+    check_options,
+)
 
 
 def check_linear_inputs(hidden, weight, bias, labels, ignore_index: int, shift: bool) -> None:
@@ -53,6 +60,7 @@ class _Settings:
     kernels: Backend
     plan: TilePlan
     rows: Rows  # counted positions, derived from the labels
+    statistics: bool = False  # also the TokenStatistics, from the same sweep
 
 
 def _loops(s: _Settings):
@@ -78,21 +86,38 @@ def _per_sequence(values: torch.Tensor, rows: Rows, n: int) -> torch.Tensor:
 
 
 def _forward(hidden, weight, bias, s: _Settings, positions: int, hidden_grad: torch.Tensor | None):
-    """(token_logps, sequence_logps, logit_sums, lse of the counted rows)."""
+    """(token_logps, sequence_logps, logit_sums, lse of the counted rows, statistics): the
+    statistics are the four ``[N, T']`` fields of TokenStatistics, or none (an empty tuple)."""
     rows = s.rows
+    # Only asked for when wanted: a loop module that predates the option need not know it.
+    options = {"statistics": True} if s.statistics else {}
     with _no_autocast(hidden):
-        label_logit, lse, logit_sum = _loops(s).forward_tiles(
-            hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad
+        label_logit, lse, logit_sum, *per_row = _loops(s).forward_tiles(
+            hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad, **options
         )
     picked = label_logit - lse
-    token_logps = torch.zeros(hidden.shape[0], positions, dtype=torch.float32, device=hidden.device)
-    token_logps[rows.n, rows.t] = picked
+    shape = (hidden.shape[0], positions)
+    token_logps = _scatter(picked, rows, shape)
     n = hidden.shape[0]
-    return token_logps, _per_sequence(picked, rows, n), _per_sequence(logit_sum, rows, n), lse
+    statistics = ()
+    if per_row:  # entropy, log_sum_sq_probs, is_top1 per counted row; then the mean logit
+        statistics = (
+            *(_scatter(x, rows, shape) for x in per_row),
+            _scatter(logit_sum / weight.shape[0], rows, shape),
+        )
+    return token_logps, _per_sequence(picked, rows, n), _per_sequence(logit_sum, rows, n), lse, statistics
+
+
+def _scatter(values: torch.Tensor, rows: Rows, shape) -> torch.Tensor:
+    """Per counted row values into ``[N, T']``, zeros (False) at ignored positions."""
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    out[rows.n, rows.t] = values
+    return out
 
 
 class _FusedLinearLogps(torch.autograd.Function):
-    """(token_logps, sequence_logps, logit_sums) from hidden states and the head; see linear_tiles."""
+    """(token_logps, sequence_logps, logit_sums, *statistics) from hidden states and the head;
+    see linear_tiles. Only the log-probs carry a gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, settings: _Settings, positions: int):
@@ -100,16 +125,16 @@ class _FusedLinearLogps(torch.autograd.Function):
         hidden_grad = None
         if ctx.needs_input_grad[0]:
             hidden_grad = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        token_logps, sequence_logps, logit_sums, lse = _forward(
+        token_logps, sequence_logps, logit_sums, lse, statistics = _forward(
             hidden, weight, bias, settings, positions, hidden_grad
         )
         ctx.save_for_backward(hidden, weight, bias, lse)
         ctx.settings, ctx.hidden_grad, ctx.positions = settings, hidden_grad, positions
-        ctx.mark_non_differentiable(logit_sums)
-        return token_logps, sequence_logps, logit_sums
+        ctx.mark_non_differentiable(logit_sums, *statistics)
+        return token_logps, sequence_logps, logit_sums, *statistics
 
     @staticmethod
-    def backward(ctx, grad_tokens, grad_sequences, _grad_logit_sums):
+    def backward(ctx, grad_tokens, grad_sequences, *_no_grad_outputs):
         hidden, weight, bias, lse = ctx.saved_tensors
         s: _Settings = ctx.settings
         rows = s.rows
@@ -156,15 +181,18 @@ def fused_linear_logps(
     backend: str = "auto",
     row_tile: int | None = None,
     vocab_tile: int | None = None,
+    statistics: bool = False,
 ) -> FusedLogps:
     """Everything the DPO losses need from ``hidden @ weight.T + bias``, without the logits.
 
     ``hidden`` ``[N, T, H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` (one float dtype),
     ``labels`` ``[N, T]``. Returns :class:`fastdpo.logps.FusedLogps` (float32 token log-probs
     ``[N, T']``, sequence sums ``[N]``, counts, logit sums). ``backend`` picks the tile kernels;
-    ``row_tile`` / ``vocab_tile`` override the tile shape.
+    ``row_tile`` / ``vocab_tile`` override the tile shape. ``statistics=True`` also fills
+    ``FusedLogps.statistics`` (:class:`fastdpo.logps.TokenStatistics` of the float32 logits
+    tiles) from the same forward sweep; without it nothing of them is computed.
     """
-    ignore_index = check_options(ignore_index, backend, shift=shift)
+    ignore_index = check_options(ignore_index, backend, shift=shift, statistics=statistics)
     for name, size in (("row_tile", row_tile), ("vocab_tile", vocab_tile)):
         if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
             raise TypeError(f"{name} must be an int or None, got {type(size).__name__} {size!r}")
@@ -182,13 +210,32 @@ def fused_linear_logps(
     for name, size in (("row_tile", plan.row_tile), ("vocab_tile", plan.vocab_tile)):
         if size < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
-    settings = _Settings(kernels, plan, Rows(n, t, v))
+    if statistics:
+        _check_statistics_supported(kernels)
+    settings = _Settings(kernels, plan, Rows(n, t, v), statistics)
     positions = out_len(labels.shape[1], shift)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias)):
-        token, sequence, logit_sums = _FusedLinearLogps.apply(hidden, weight, bias, settings, positions)
+        token, sequence, logit_sums, *stats = _FusedLinearLogps.apply(
+            hidden, weight, bias, settings, positions
+        )
     else:  # no autograd (a reference model, evaluation): no gradient work in the forward either
-        token, sequence, logit_sums, _ = _forward(hidden, weight, bias, settings, positions, None)
-    return FusedLogps(token, sequence, scored_labels(labels, shift).ne(ignore_index).sum(-1), logit_sums)
+        token, sequence, logit_sums, _, stats = _forward(hidden, weight, bias, settings, positions, None)
+    counts = scored_labels(labels, shift).ne(ignore_index).sum(-1)
+    return FusedLogps(token, sequence, counts, logit_sums, TokenStatistics(*stats) if stats else None)
+
+
+def _check_statistics_supported(kernels: Backend) -> None:
+    """The native backend runs its own C++ loops, which gain the statistics separately
+    (``native_linear.SUPPORTS_STATISTICS``); other backends need a ``stats_fold`` tile kernel."""
+    if kernels.name == "native":
+        from fastdpo.backends import native_linear
+
+        supported = getattr(native_linear, "SUPPORTS_STATISTICS", False)
+    else:
+        supported = kernels.stats_fold is not None
+    if not supported:
+        kind = "native fused linear kernel" if kernels.name == "native" else f"{kernels.name!r} tile kernels"
+        raise ValueError(f"statistics=True is not implemented by the {kind} yet")
 
 
 def linear_token_logps(

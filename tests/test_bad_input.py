@@ -140,6 +140,7 @@ def _shorter(t):
 NAN, INF = float("nan"), float("inf")
 NOT_INT = "ignore_index must be an int"
 SEQUENCE_FNS = ("sequence_logps", "linear_sequence_logps")
+FUSED_FNS = ("fused_logps", "fused_linear_logps")
 PAIRS = ("preference_loss",)
 FUSED_LOSS = ("FusedLinearDPOLoss",)
 BUDGET_NUMBER = "memory_budget_mib must be a real number"
@@ -198,6 +199,7 @@ BAD = [
         "inplace_backward",
     ),
     Bad("row_tile '8'", ("fused_linear_logps",), _option(row_tile="8"), TypeError, "row_tile must be an int"),
+    Bad("statistics 'yes'", FUSED_FNS, _option(statistics="yes"), TypeError, "statistics must be True"),
     Bad("unknown loss_type", LOSSES, _option(loss_type="dpo"), ValueError, "unknown loss_type 'dpo'"),
     Bad("beta str", LOSSES, _option(beta="0.1"), TypeError, "beta"),
     Bad("beta inf", LOSSES, _option(beta=INF), ValueError, "beta"),

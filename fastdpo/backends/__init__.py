@@ -25,7 +25,7 @@ Every backend provides the same two kernels (plain functions, no autograd):
     (including logits rows the shift leaves unused), in ``logits.dtype``. With ``inplace=True``
     the backend may write the gradient into ``logits``' own storage and return that tensor.
 
-Two tile kernels serve the fused linear path, whose tiled loops (``linear_tiles.py``, kernel
+Three tile kernels serve the fused linear path, whose tiled loops (``linear_tiles.py``, kernel
 level but not a backend: it runs on any backend's tile kernels) project hidden states onto the
 LM head one float32 tile ``[rows, vocabulary block]`` at a time:
 
@@ -36,6 +36,17 @@ LM head one float32 tile ``[rows, vocabulary block]`` at a time:
     and the sum of the tile's logits. Overwrites ``tile`` with ``exp(tile - new_max)``. A row
     that is all ``-inf`` so far (a masked vocabulary) keeps ``new_max = -inf``, ``new_sum = 0``
     and its tile row becomes zeros: the fold subtracts 0 there, never ``-inf - -inf``.
+
+``stats_fold(tile, running_max, running_sum, running_weighted, running_sq) -> (*lse_fold, new_weighted, new_sq, tile_top)``
+    ``lse_fold`` (the same first four outputs and the same ``tile``, bitwise) for
+    ``fused_linear_logps(statistics=True)``, also keeping each row's running sums of the token
+    statistics relative to its running max ``m``: ``weighted = sum e (x - m)`` and
+    ``sq = sum e^2`` with ``e = exp(x - m)``. With ``offset`` the new max (0 while it is
+    ``-inf``): ``new_weighted = rescale * (running_weighted + (running_max - offset) *
+    running_sum) + sum(e (tile - offset))`` and ``new_sq = rescale^2 * running_sq + sum(e^2)``;
+    masked entries (``e = 0``) and an empty running sum add 0, never ``0 * -inf``. ``tile_top``
+    (int64 ``[rows]``) is the column of the tile's first maximum (as ``argmax``). Optional
+    (``Backend.stats_fold`` may be None: the backend then has no fused linear statistics).
 
 ``softmax_grad_tile(tile, labels_local, lse, grad_rows) -> None``
     Overwrites ``tile`` with ``grad_rows * (onehot(labels_local) - exp(tile - lse))``; a label

@@ -26,6 +26,8 @@ class Backend:
     # forward plus the per-token statistics of TokenStatistics (fastdpo/logps.py); a separate
     # kernel so that callers who do not ask for them pay nothing
     forward_statistics: Callable | None = None
+    # lse_fold plus the running sums of the token statistics, for the fused linear path
+    stats_fold: Callable | None = None
 
 
 def out_len(time: int, shift: bool) -> int:

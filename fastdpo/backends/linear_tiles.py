@@ -132,15 +132,27 @@ def forward_tiles(
     kernels: Backend,
     plan: TilePlan,
     hidden_grad: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    statistics: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per counted row: ``(label_logit, lse, logit_sum)``, float32 ``[C]``.
 
     With ``hidden_grad`` (``hidden``'s shape and dtype, zeros), each counted row of it receives
     ``d log_softmax(x)[label] / d h = W[label] - softmax(x) W``.
+
+    With ``statistics=True`` (the backend's ``stats_fold`` in place of ``lse_fold``: the same
+    first three outputs and gradient, bitwise) also ``(entropy, log_sum_sq_probs, is_top1)``
+    per counted row (float32, float32, bool) of ``softmax(x)``; see :class:`_RunningStatistics`.
     """
     f32 = dict(dtype=torch.float32, device=hidden.device)
     count = rows.n.numel()
     label_logit, lse, logit_sum = (torch.empty(count, **f32) for _ in range(3))
+    stats = None
+    if statistics:
+        stats = (
+            torch.empty(count, **f32),
+            torch.empty(count, **f32),
+            torch.empty(count, dtype=torch.bool, device=hidden.device),
+        )
     bias32 = None if bias is None else bias.float()
     for r0, r1 in _row_tiles(rows, plan):
         part = rows.tile(r0, r1)
@@ -150,6 +162,7 @@ def forward_tiles(
         row_logits = torch.zeros(r1 - r0, **f32)
         picked = torch.zeros(r1 - r0, **f32)
         acc = None if hidden_grad is None else torch.zeros(r1 - r0, hidden.shape[-1], **f32)
+        running = None if stats is None else _RunningStatistics.start(r1 - r0, hidden.device)
         for v0, v1 in _vocab_tiles(weight.shape[0], plan):
             w = weight[v0:v1].to(plan.operand_dtype)
             x = _project(h, w, None if bias32 is None else bias32[v0:v1])
@@ -158,18 +171,64 @@ def forward_tiles(
             picked = torch.where(
                 here, x.gather(1, local.clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1), picked
             )
-            run_max, run_sum, rescale, tile_logits = kernels.lse_fold(
-                x, run_max, run_sum
-            )  # x := exp(x - max)
+            if running is None:
+                run_max, run_sum, rescale, tile_logits = kernels.lse_fold(
+                    x, run_max, run_sum
+                )  # x := exp(x - max)
+            else:
+                run_max, run_sum, rescale, tile_logits, running = running.fold(
+                    kernels, x, run_max, run_sum, v0
+                )
             row_logits += tile_logits
             if acc is not None:
                 acc.mul_(rescale.unsqueeze(1))
                 _accumulate(acc, x.to(plan.operand_dtype), w)
         label_logit[r0:r1], lse[r0:r1], logit_sum[r0:r1] = picked, run_max + run_sum.log(), row_logits
+        if stats is not None:
+            for out, value in zip(stats, running.finish(run_sum, part.label)):
+                out[r0:r1] = value
         if hidden_grad is not None:
             acc.div_(run_sum.unsqueeze(1)).neg_().add_(weight[part.label])  # W[label] - softmax(x) W
             hidden_grad[part.n, part.t] = acc.to(hidden_grad.dtype)
-    return label_logit, lse, logit_sum
+    if stats is None:
+        return label_logit, lse, logit_sum
+    return label_logit, lse, logit_sum, *stats
+
+
+class _RunningStatistics(NamedTuple):
+    """A row tile's running sums for the token statistics, relative to its running max ``m``
+    (``e = exp(x - m)``): ``weighted = sum e (x - m)``, ``sq = sum e^2`` and ``top``, the
+    column of the first maximum so far (0 until a finite one appears: argmax's answer for a
+    row that is all -inf)."""
+
+    weighted: torch.Tensor
+    sq: torch.Tensor
+    top: torch.Tensor
+
+    @staticmethod
+    def start(count: int, device) -> _RunningStatistics:
+        f32 = dict(dtype=torch.float32, device=device)
+        return _RunningStatistics(
+            torch.zeros(count, **f32),
+            torch.zeros(count, **f32),
+            torch.zeros(count, dtype=torch.long, device=device),
+        )
+
+    def fold(self, kernels: Backend, x: torch.Tensor, run_max, run_sum, v0: int):
+        """``kernels.lse_fold``'s outputs for the tile ``x`` (columns from ``v0``; overwritten
+        with ``exp(x - max)``) and the running statistics with the tile folded in."""
+        new_max, new_sum, rescale, tile_logits, weighted, sq, tile_top = kernels.stats_fold(
+            x, run_max, run_sum, self.weighted, self.sq
+        )
+        # Only a strictly higher max moves the first maximum: an equal one in a later tile is not.
+        top = torch.where(new_max > run_max, tile_top + v0, self.top)
+        return new_max, new_sum, rescale, tile_logits, _RunningStatistics(weighted, sq, top)
+
+    def finish(self, run_sum: torch.Tensor, labels: torch.Tensor):
+        """``(entropy, log_sum_sq_probs, is_top1)`` with ``s = sum e``: entropy
+        ``= log s - weighted / s``, ``log sum p^2 = log sq - 2 log s``."""
+        log_s = run_sum.log()
+        return log_s - self.weighted / run_sum, self.sq.log() - 2 * log_s, self.top == labels
 
 
 def weight_grad_tiles(

@@ -134,6 +134,34 @@ def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.T
     return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum
 
 
+def stats_fold(
+    tile: torch.Tensor,
+    running_max: torch.Tensor,
+    running_sum: torch.Tensor,
+    running_weighted: torch.Tensor,
+    running_sq: torch.Tensor,
+):
+    """``lse_fold`` (the same arithmetic, so the same bits) plus the statistics' running sums and
+    the tile's first maximum (contract in fastdpo/backends/__init__.py)."""
+    tile_max, top = tile.max(dim=1)  # the first maximum, as argmax; the max is amax's, exactly
+    logit_sum = tile.sum(dim=1)
+    new_max = torch.maximum(running_max, tile_max)
+    offset = torch.where(new_max == -torch.inf, 0.0, new_max)
+    rescale = torch.exp(running_max - offset)
+    centred = tile - offset.unsqueeze(1)
+    torch.exp(centred, out=tile)  # tile := exp(x - max), as lse_fold leaves it
+    # A masked entry (e = 0, centred -inf) must add 0, not 0 * -inf = NaN: made finite first.
+    centred.clamp_(min=torch.finfo(torch.float32).min)
+    weighted = torch.linalg.vecdot(tile, centred)  # per row: sum e (x - max)
+    sq = torch.linalg.vecdot(tile, tile)
+    # The old sums are relative to the old max: moved to the new one they gain (old - new) per
+    # unit of sum, 0 while the sum is empty (old max -inf; never -inf * 0).
+    w_shift = torch.where(running_max == -torch.inf, 0.0, running_max - offset) * running_sum
+    new_weighted = rescale * (running_weighted + w_shift) + weighted
+    new_sq = rescale * rescale * running_sq + sq
+    return new_max, running_sum * rescale + tile.sum(dim=1), rescale, logit_sum, new_weighted, new_sq, top
+
+
 def softmax_grad_tile(
     tile: torch.Tensor, labels_local: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor
 ):
@@ -152,4 +180,5 @@ def load() -> Backend:
         softmax_grad_tile,
         supports=lambda device: True,
         forward_statistics=forward_statistics,
+        stats_fold=stats_fold,
     )

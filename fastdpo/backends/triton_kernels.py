@@ -8,13 +8,16 @@ design are argued in docs/triton.md. In short:
   max / sum of exponentials in float32 and write the token log-prob, the row's log-sum-exp and
   the row's logit sum. The per-sequence sums are then reduced by ``torch.sum`` over the
   ``[N, T']`` rows in float64: a fixed order, no atomics, so results are bitwise reproducible.
+- forward_statistics: the forward kernel's twin that also folds the token statistics (entropy,
+  log sum p^2, first-maximum top-1, mean logit) into the same online pass over the row; a
+  kernel of its own, so the plain forward's cost is untouched.
 - backward: one program per (logits row, vocabulary block): ``g * (onehot(label) - exp(x - lse))``,
   one read and one write per element; rows that score nothing get zeros without being read.
 
 All row offsets are computed in int64 (``N * T * V`` passes 2**31 at Llama-3 vocabularies).
 
-The kernels are registered as ``fastdpo::triton_logps_forward``, ``triton_logps_backward`` and
-``triton_logps_backward_`` (in place) through ``torch.library.triton_op`` + ``wrap_triton``,
+The kernels are registered as ``fastdpo::triton_logps_forward``, ``triton_logps_forward_statistics``,
+``triton_logps_backward`` and ``triton_logps_backward_`` (in place) through ``torch.library.triton_op`` + ``wrap_triton``,
 so ``torch.compile`` sees the kernels themselves. Under ``TRITON_INTERPRET=1`` (the CPU
 interpreter the tests use) there is no compiled kernel for the compiler to see and
 ``wrap_triton`` cannot trace an interpreted one, so the same functions are registered as
@@ -102,6 +105,88 @@ def _forward_kernel(
 
 
 @triton.jit
+def _forward_statistics_kernel(
+    logits_ptr,
+    labels_ptr,
+    token_ptr,
+    lse_ptr,
+    row_sum_ptr,
+    entropy_ptr,
+    log_sum_sq_ptr,
+    top1_ptr,
+    mean_ptr,
+    T,
+    T_out,
+    V,
+    stride_n,
+    stride_t,
+    ignore_index,
+    SHIFT: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``_forward_kernel`` plus the token statistics, in the same one read of the row. A kernel
+    of its own so that the plain forward keeps its registers and instructions; the shared
+    quantities (m, s, total, lse) are computed by the same expressions, so they are bitwise equal."""
+    pos = tl.program_id(0).to(tl.int64)
+    n = pos // T_out
+    t = pos - n * T_out
+    label = tl.load(labels_ptr + n * T + t + SHIFT)
+    if label == ignore_index:
+        tl.store(token_ptr + pos, 0.0)
+        tl.store(lse_ptr + pos, 0.0)
+        tl.store(row_sum_ptr + pos, 0.0)
+        tl.store(entropy_ptr + pos, 0.0)
+        tl.store(log_sum_sq_ptr + pos, 0.0)
+        tl.store(top1_ptr + pos, 0)
+        tl.store(mean_ptr + pos, 0.0)
+    else:
+        row_ptr = logits_ptr + _row_offset(n, t, stride_n, stride_t)
+        # Besides the running max m and s = sum e with e = exp(x - m): w = sum e (x - m) and
+        # q = sum e^2, rescaled as m grows to m' (r = exp(m - m')): w' = r (w + (m - m') s) and
+        # q' = r^2 q. Then entropy = log s - w / s and log sum p^2 = log q - 2 log s.
+        m = -float("inf")
+        s = 0.0
+        w = 0.0
+        q = 0.0
+        total = 0.0
+        top = 0  # first index of the running max (argmax's answer for an all -inf row too)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < V
+            x = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            block_max = tl.max(x, axis=0)
+            # Strictly greater replaces: an equal maximum in a later block is not the first one.
+            # Padding (-inf, past V) never wins: the first column of a block is inside the row.
+            block_top = tl.min(tl.where(x == block_max, cols, V), axis=0)
+            top = tl.where(block_max > m, block_top, top)
+            m_new = tl.maximum(m, block_max)
+            # Subtract 0 while every logit so far is -inf (as in _forward_kernel).
+            offset = tl.where(m_new == -float("inf"), 0.0, m_new)
+            rescale = tl.exp(m - offset)
+            e = tl.exp(x - offset)
+            # (m - m') s is 0 while s is (m = -inf), and a masked entry (e = 0, x - offset = -inf)
+            # adds 0 to w: the -inf is selected away before it is multiplied, never 0 * -inf.
+            w_shift = tl.where(m == -float("inf"), 0.0, m - offset) * s
+            centred = tl.where(e > 0.0, x - offset, 0.0)
+            w = rescale * (w + w_shift) + tl.sum(e * centred, axis=0)
+            q = rescale * rescale * q + tl.sum(e * e, axis=0)
+            s = s * rescale + tl.sum(e, axis=0)
+            total += tl.sum(tl.where(in_row, x, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        label_ok = (label >= 0) & (label < V)
+        x_label = tl.load(row_ptr + label, mask=label_ok, other=float("nan")).to(tl.float32)
+        tl.store(token_ptr + pos, x_label - lse)
+        tl.store(lse_ptr + pos, lse)
+        tl.store(row_sum_ptr + pos, total)
+        log_s = tl.log(s)
+        tl.store(entropy_ptr + pos, log_s - w / s)
+        tl.store(log_sum_sq_ptr + pos, tl.log(q) - 2.0 * log_s)
+        tl.store(top1_ptr + pos, (top == label).to(tl.uint8))
+        tl.store(mean_ptr + pos, total / V)
+
+
+@triton.jit
 def _backward_kernel(
     logits_ptr,
     labels_ptr,
@@ -176,6 +261,60 @@ def _forward(
     return token_logps, lse, sequence_logps, logit_sums
 
 
+def _forward_statistics(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    n, time, vocab = logits.shape
+    out_t = out_len(time, shift)
+    stats = dict(dtype=stats_dtype(logits.dtype), device=logits.device)
+    token_logps, lse, row_sums = (torch.empty(n, out_t, **stats) for _ in range(3))
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    entropy, log_sum_sq, mean_logits = (torch.empty(n, out_t, **f32) for _ in range(3))
+    is_top1 = torch.empty(n, out_t, dtype=torch.bool, device=logits.device)
+    if n * out_t > 0:
+        block, warps = launch_config(vocab)
+        wrap_triton(_forward_statistics_kernel)[(n * out_t,)](
+            logits_ptr=logits,
+            labels_ptr=labels,
+            token_ptr=token_logps,
+            lse_ptr=lse,
+            row_sum_ptr=row_sums,
+            entropy_ptr=entropy,
+            log_sum_sq_ptr=log_sum_sq,
+            top1_ptr=is_top1.view(torch.uint8),  # bytes 0 / 1: a bool tensor's storage
+            mean_ptr=mean_logits,
+            T=time,
+            T_out=out_t,
+            V=vocab,
+            stride_n=logits.stride(0),
+            stride_t=logits.stride(1),
+            ignore_index=ignore_index,
+            SHIFT=int(shift),
+            BLOCK_V=block,
+            num_warps=warps,
+        )
+    sequence_logps = token_logps.sum(-1, dtype=torch.float64).to(token_logps.dtype)
+    logit_sums = row_sums.sum(-1, dtype=torch.float64).to(token_logps.dtype)
+    return token_logps, lse, sequence_logps, logit_sums, entropy, log_sum_sq, is_top1, mean_logits
+
+
+def _fake_forward_statistics(logits, labels, ignore_index, shift):
+    n, time, _ = logits.shape
+    per_position = dict(size=(n, out_len(time, shift)), device=logits.device)
+    f32 = [torch.empty(**per_position, dtype=torch.float32) for _ in range(3)]
+    is_top1 = torch.empty(**per_position, dtype=torch.bool)
+    return (*fake_logps_forward(logits, labels, ignore_index, shift), f32[0], f32[1], is_top1, f32[2])
+
+
 def _launch_backward(logits, labels, lse, grad_rows, ignore_index, shift, grad) -> None:
     n, time, vocab = logits.shape
     if n * time == 0:
@@ -240,24 +379,34 @@ def _define(name: str, fn, fake, mutates_args=()):
 
 
 def define_ops():
-    """Define the three ops once, with autograd for the forward op (so it works on its own)."""
+    """Define the four ops once, with autograd for the forward op (so it works on its own). The
+    statistics op has none of its own: fastdpo/logps.py differentiates it (its statistics carry
+    no gradient)."""
     global _ops
     if _ops is None:
         forward_op = _define("fastdpo::triton_logps_forward", _forward, fake_logps_forward)
         backward_op = _define("fastdpo::triton_logps_backward", _backward, fake_logps_backward)
         inplace_op = _define("fastdpo::triton_logps_backward_", _backward_, fake_logps_backward_, ("logits",))
-        _ops = (forward_op, backward_op, inplace_op)
+        statistics_op = _define(
+            "fastdpo::triton_logps_forward_statistics", _forward_statistics, _fake_forward_statistics
+        )
+        _ops = (forward_op, backward_op, inplace_op, statistics_op)
         register_logps_autograd(forward_op, backward)
     return _ops
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
-    forward_op, _, _ = define_ops()
+    forward_op = define_ops()[0]
     return forward_op(logits, labels.contiguous(), ignore_index, shift)
 
 
+def forward_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    statistics_op = define_ops()[3]
+    return statistics_op(logits, labels.contiguous(), ignore_index, shift)
+
+
 def backward(logits, labels, lse, grad_rows, ignore_index, shift, inplace=False):
-    _, backward_op, backward_op_ = define_ops()
+    _, backward_op, backward_op_, _ = define_ops()
     labels, lse, grad_rows = labels.contiguous(), lse.contiguous(), grad_rows.contiguous()
     if inplace:
         backward_op_(logits, labels, lse, grad_rows, ignore_index, shift)
@@ -279,5 +428,12 @@ if INTERPRETED or torch.cuda.is_available():
 
 def load() -> Backend:
     return Backend(
-        "triton", forward, backward, triton_tiles.lse_fold, triton_tiles.softmax_grad_tile, supports=supports
+        "triton",
+        forward,
+        backward,
+        triton_tiles.lse_fold,
+        triton_tiles.softmax_grad_tile,
+        supports=supports,
+        forward_statistics=forward_statistics,
+        stats_fold=triton_tiles.stats_fold,
     )

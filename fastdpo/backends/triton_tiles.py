@@ -6,6 +6,9 @@ one program per tile row, the row streamed in ``BLOCK`` pieces, all math in floa
 
 - ``lse_fold``: sweep 1 reads the row for its max and logit sum; sweep 2 reads it again (from
   L2: a row is at most a few tens of KB) and writes ``exp(x - new_max)`` over it.
+- ``stats_fold``: the same kernel with its ``STATISTICS`` flag (a compile-time constant, so
+  ``lse_fold`` compiles without the extra work): sweep 1 also finds the first maximum, sweep 2
+  also sums ``e (x - new_max)`` and ``e^2``.
 - ``softmax_grad_tile``: one sweep, ``g * (onehot(label) - exp(x - lse))`` written over the row.
 
 Offsets are int64 (``rows * row_stride`` can pass 2**31 for large tiles).
@@ -31,16 +34,28 @@ def _lse_fold_kernel(
     new_sum_ptr,
     rescale_ptr,
     logit_sum_ptr,
+    weighted_ptr,
+    sq_ptr,
+    new_weighted_ptr,
+    new_sq_ptr,
+    top_ptr,
     BLOCK: tl.constexpr,
+    STATISTICS: tl.constexpr,
 ):
+    """``lse_fold``; with ``STATISTICS`` also ``stats_fold``'s running sums and first maximum.
+    The flag is a compile-time constant: the plain fold's kernel has none of the extra work."""
     r = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + r * stride
     m_tile = -float("inf")
     total = 0.0
+    top = 0  # first column of the tile's max (strictly greater replaces: equal keeps the earlier)
     for start in range(0, cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < cols, other=-float("inf"))
-        m_tile = tl.maximum(m_tile, tl.max(x, axis=0))
+        block_max = tl.max(x, axis=0)
+        if STATISTICS:
+            top = tl.where(block_max > m_tile, tl.min(tl.where(x == block_max, offs, cols), axis=0), top)
+        m_tile = tl.maximum(m_tile, block_max)
         total += tl.sum(tl.where(offs < cols, x, 0.0), axis=0)
     m_old = tl.load(max_ptr + r)
     m = tl.maximum(m_old, m_tile)
@@ -49,16 +64,31 @@ def _lse_fold_kernel(
     offset = tl.where(m == -float("inf"), 0.0, m)
     rescale = tl.exp(m_old - offset)
     exp_sum = 0.0
+    weighted = 0.0  # sum e (x - offset) and sum e^2 over the tile (STATISTICS only)
+    sq = 0.0
     for start in range(0, cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_row = offs < cols
-        e = tl.exp(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")) - offset)
+        x = tl.load(row_ptr + offs, mask=in_row, other=-float("inf"))
+        e = tl.exp(x - offset)
         tl.store(row_ptr + offs, e, mask=in_row)
         exp_sum += tl.sum(e, axis=0)
+        if STATISTICS:
+            # A masked entry (e = 0, x - offset = -inf) adds 0: the -inf is selected away first.
+            weighted += tl.sum(e * tl.where(e > 0.0, x - offset, 0.0), axis=0)
+            sq += tl.sum(e * e, axis=0)
+    sum_old = tl.load(sum_ptr + r)
     tl.store(new_max_ptr + r, m)
-    tl.store(new_sum_ptr + r, tl.load(sum_ptr + r) * rescale + exp_sum)
+    tl.store(new_sum_ptr + r, sum_old * rescale + exp_sum)
     tl.store(rescale_ptr + r, rescale)
     tl.store(logit_sum_ptr + r, total)
+    if STATISTICS:
+        # The old sums are relative to m_old: moved to m they gain (m_old - m) per unit of sum,
+        # which is 0 while the sum is empty (m_old = -inf; never -inf * 0).
+        w_shift = tl.where(m_old == -float("inf"), 0.0, m_old - offset) * sum_old
+        tl.store(new_weighted_ptr + r, rescale * (tl.load(weighted_ptr + r) + w_shift) + weighted)
+        tl.store(new_sq_ptr + r, rescale * rescale * tl.load(sq_ptr + r) + sq)
+        tl.store(top_ptr + r, top.to(tl.int64))
 
 
 @triton.jit
@@ -86,9 +116,29 @@ def _check_tile(tile: torch.Tensor) -> None:
 
 
 def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.Tensor):
+    return _fold(tile, running_max, running_sum, None)[:4]
+
+
+def stats_fold(
+    tile: torch.Tensor,
+    running_max: torch.Tensor,
+    running_sum: torch.Tensor,
+    running_weighted: torch.Tensor,
+    running_sq: torch.Tensor,
+):
+    return _fold(tile, running_max, running_sum, (running_weighted, running_sq))
+
+
+def _fold(tile, running_max, running_sum, statistics):
     _check_tile(tile)
     rows, cols = tile.shape
     new_max, new_sum, rescale, logit_sum = (torch.empty_like(running_max) for _ in range(4))
+    if statistics is None:  # the kernel never touches these pointers: any float32 tensor will do
+        weighted = sq = new_weighted = new_sq = top = new_max
+    else:
+        weighted, sq = (x.contiguous() for x in statistics)
+        new_weighted, new_sq = torch.empty_like(running_max), torch.empty_like(running_max)
+        top = torch.empty(rows, dtype=torch.int64, device=tile.device)
     if rows:
         block, warps = launch_config(cols)
         _lse_fold_kernel[(rows,)](
@@ -101,10 +151,16 @@ def lse_fold(tile: torch.Tensor, running_max: torch.Tensor, running_sum: torch.T
             new_sum_ptr=new_sum,
             rescale_ptr=rescale,
             logit_sum_ptr=logit_sum,
+            weighted_ptr=weighted,
+            sq_ptr=sq,
+            new_weighted_ptr=new_weighted,
+            new_sq_ptr=new_sq,
+            top_ptr=top,
             BLOCK=block,
+            STATISTICS=statistics is not None,
             num_warps=warps,
         )
-    return new_max, new_sum, rescale, logit_sum
+    return new_max, new_sum, rescale, logit_sum, new_weighted, new_sq, top
 
 
 def softmax_grad_tile(
