@@ -160,3 +160,21 @@ def test_num_tokens_continues_after_resume(gpt2_dir, tmp_path):
     rest = resumed.train(resume_from_checkpoint=True)
     assert [h["step"] for h in rest] == [5]
     assert rest[0]["num_tokens"] == full[-1]["num_tokens"]
+
+
+@pytest.mark.parametrize("fused_linear", [True, False], ids=["linear", "logits"])
+def test_precomputed_reference_is_ld_weighted_too(gpt2_dir, tmp_path, fused_linear):
+    """LD-DPO needs no token statistics: this runs on the default backend of either path."""
+    options = dict(max_steps=1, per_device_train_batch_size=3, ld_alpha=0.2, fused_linear=fused_linear)
+    copy = make_trainer(gpt2_dir, tmp_path / "copy", **options)
+    precomputed = make_trainer(gpt2_dir, tmp_path / "pre", precompute_ref_log_probs=True, **options)
+    plain = make_trainer(gpt2_dir, tmp_path / "plain", **{**options, "ld_alpha": None})
+    precomputed.precompute_reference()
+    (a,), (b,), (c,) = copy.train(), precomputed.train(), plain.train()
+    # before the first step policy and reference agree, LD-DPO's weighted sums included
+    assert a["rewards/chosen"] == pytest.approx(0, abs=1e-6) and b["rewards/chosen"] == pytest.approx(
+        0, abs=1e-6
+    )
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert a["logps/chosen"] == pytest.approx(b["logps/chosen"], rel=1e-6)
+    assert abs(a["logps/chosen"] - c["logps/chosen"]) > 1e-3  # ld_alpha made a difference
