@@ -265,3 +265,74 @@ def test_token_metrics_of_a_batch_without_counted_tokens_are_zero():
     labels = torch.full_like(labels, -100)
     metrics = DPOLoss(backend="torch", token_metrics=True)(policy, labels, ref).metrics()
     assert metrics["entropy"] == 0.0 and metrics["mean_token_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+def test_token_options_keep_the_forward_on_the_device(monkeypatch, backend):
+    """No .item() / .tolist() / float() with the token options either (a sync each on CUDA)."""
+    policy, ref, _, labels = logits_pair(seed=10)
+    loss = DPOLoss(backend=backend, use_weighting=True, ld_alpha=0.5, token_metrics=True)
+
+    def sync(*_):
+        raise AssertionError("the loss forward moved a value to the host")
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    out = loss(policy, labels, ref)
+    tensors = out.metric_tensors()
+    monkeypatch.undo()
+    assert {"entropy", "mean_token_accuracy"} <= set(tensors)
+    assert all(t.dim() == 0 and not t.requires_grad for t in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "options, wanted",
+    [
+        ({}, False),
+        (dict(ld_alpha=0.5), False),
+        (dict(use_weighting=True), True),
+        (dict(token_metrics=True), True),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "linear"])
+def test_statistics_are_asked_of_the_policy_pass_only_when_needed(monkeypatch, options, wanted, fused_linear):
+    import fastdpo.modules as modules
+
+    asked = []
+    name = "fused_linear_logps" if fused_linear else "fused_logps"
+    kernel = getattr(modules, name)
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("statistics", False))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(modules, name, spy)
+    gen = torch.Generator().manual_seed(11)
+    _, labels = batch(11)
+    if fused_linear:
+        hidden, weight = torch.randn(*labels.shape, H, generator=gen), torch.randn(V, H, generator=gen)
+        call = lambda loss: loss(hidden, weight, labels, ref_hidden=hidden.flip(0))  # noqa: E731
+        make = FusedLinearDPOLoss
+    else:
+        logits = torch.randn(*labels.shape, V, generator=gen)
+        call = lambda loss: loss(logits, labels, logits.flip(0))  # noqa: E731
+        make = DPOLoss
+    call(make(backend="torch", **options))
+    assert asked[0] == wanted  # the policy's pass
+    assert not any(asked[1:])  # the reference's never
+
+
+@pytest.mark.parametrize(
+    "options", [dict(ld_alpha=0.5), dict(use_weighting=True), dict(token_metrics=True)], ids=str
+)
+def test_token_options_take_the_recompute_path_on_native(options):
+    """The native chunk kernel makes no per-token outputs: these options recompute instead."""
+    gen = torch.Generator().manual_seed(12)
+    _, labels = batch(12)
+    hidden = torch.randn(*labels.shape, H, generator=gen, requires_grad=True)
+    weight = torch.randn(V, H, generator=gen)
+    plain = FusedLinearDPOLoss(backend="native", reference_free=True)(hidden, weight, labels)
+    assert type(plain.loss.grad_fn).__name__ == "_LossInForwardBackward"
+    out = FusedLinearDPOLoss(backend="native", reference_free=True, **options)(hidden, weight, labels)
+    assert type(out.loss.grad_fn).__name__ != "_LossInForwardBackward"
