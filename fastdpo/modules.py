@@ -329,10 +329,11 @@ class DPOLoss(_DPOLossBase):
       statistics of the same pass; off, the kernels compute none. (TRL's ``num_tokens`` counts
       prompt and completion tokens, which the labels do not say: the trainer logs it.)
 
-    Each bad option is a TypeError/ValueError naming it. Deliberate differences from TRL 1.16 (docs/design.md): ``sigmoid`` and ``simpo``
-    honour ``label_smoothing`` (cDPO; TRL's CPO trainer), and ``ipo`` / ``sigmoid_norm`` divide by
-    the number of scored tokens (TRL 1.16 also counts a completion's first token when the
-    completion starts at position 0, where no logit scores it).
+    Each bad option is a TypeError/ValueError naming it. Deliberate differences from TRL 1.16
+    (docs/design.md): ``sigmoid`` and ``simpo`` honour ``label_smoothing`` (cDPO; TRL's CPO
+    trainer), and ``ipo`` / ``sigmoid_norm`` divide by the number of scored tokens (TRL 1.16 also
+    counts a completion's first token when the completion starts at position 0, where no logit
+    scores it).
     """
 
     def __init__(self, *args, inplace_backward: bool = False, **kwargs) -> None:

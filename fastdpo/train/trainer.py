@@ -13,9 +13,9 @@ the ranks and then into micro-batches; each micro-batch goes through the model a
 share of the global batch, so the gradient is the mean over the pairs of the step however they
 are split. Then clipping, AdamW, the learning-rate schedule, one metrics line (TRL's names) and,
 every ``save_steps``, an atomic checkpoint. The step's metrics stay on the device until the
-step ends (:mod:`fastdpo.train.step_metrics`: one transfer per optimizer step). Option names follow TRL's ``DPOConfig``. (Losses that
-look across the batch, ``aot`` / ``aot_unpaired`` and the ``sft`` mean, see one micro-batch at a
-time, as in TRL with gradient accumulation.)
+step ends (:mod:`fastdpo.train.step_metrics`: one transfer per optimizer step). Option names
+follow TRL's ``DPOConfig``. (Losses that look across the batch, ``aot`` / ``aot_unpaired`` and
+the ``sft`` mean, see one micro-batch at a time, as in TRL with gradient accumulation.)
 """
 
 from __future__ import annotations
