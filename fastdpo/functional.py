@@ -217,6 +217,16 @@ def _check_logps(tensors: Sequence[torch.Tensor]) -> None:
         raise ValueError("empty batch: the log-prob tensors hold no pairs (B = 0)")
 
 
+def _check_like(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    """A floating ``[B]`` tensor on the device of ``like``."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
+    if tuple(x.shape) != tuple(like.shape) or x.device != like.device:
+        raise ValueError(
+            f"{name} must be [B] = {list(like.shape)} on {like.device}, got {tuple(x.shape)} on {x.device}"
+        )
+
+
 def _check_counts(name: str, counts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Token counts ``[B]`` (integer or float) on the log-probs' device, as the log-probs' dtype."""
     if not isinstance(counts, torch.Tensor):
@@ -249,6 +259,7 @@ def preference_loss(
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
     simpo_gamma: float = 0.5,
+    sft_chosen_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses ``[B]`` and rewards ``beta * (pi - ref)`` (detached) from ``[B]`` log-probs.
 
@@ -260,6 +271,9 @@ def preference_loss(
     means over the counts: the length-normalised losses use them as they are, and ``sft`` still
     takes the token mean over all chosen tokens (``sum_i count_i * mean_i / sum_i count_i``), not a
     mean of per-row means. A list ``loss_type`` gives ``sum_k loss_weights[k] * loss_k``.
+    ``sft_chosen_logps`` (``[B]``, summed like the log-probs) replaces ``policy_chosen_logps`` in
+    the ``sft`` term only: LD-DPO (``ld_alpha``) reweights the log-probs of the preference losses,
+    while TRL's ``sft`` stays the plain NLL of the chosen tokens.
 
     ``sigmoid`` and ``simpo`` with ``label_smoothing > 0`` are smoothed (cDPO; TRL's CPO trainer);
     TRL 1.16's ``DPOTrainer`` ignores the smoothing for ``sigmoid``. Each bad argument is a
@@ -286,7 +300,10 @@ def preference_loss(
         n_c = tokens_c.clamp(min=1)
         n_r = _check_counts("rejected_counts", rejected_counts, pi_r).clamp(min=1)
     # What sft needs whatever the log-probs are: the chosen tokens' log-prob sum and their number.
-    token_sum_c = pi_c * tokens_c if average_log_prob else pi_c
+    if sft_chosen_logps is not None:
+        _check_like("sft_chosen_logps", sft_chosen_logps, pi_c)
+    sft_c = pi_c if sft_chosen_logps is None else sft_chosen_logps
+    token_sum_c = sft_c * tokens_c if average_log_prob else sft_c
     if average_log_prob:  # already per-token means: the length-normalised losses divide by 1
         n_c = n_r = torch.ones_like(pi_c)
     h_c, h_r = pi_c - ref_c, pi_r - ref_r
@@ -297,3 +314,69 @@ def preference_loss(
     opts = {"discopop_tau": float(discopop_tau), "simpo_gamma": float(simpo_gamma)}
     losses = sum(w * _one_loss(name, beta, label_smoothing, shared, opts) for name, w in zip(types, weights))
     return losses, (beta * h_c).detach(), (beta * h_r).detach()
+
+
+# ---------------------------------------------------------------------------- token-level options
+# TRL 1.16's DPOTrainer reads per-token log-probs for two options; these are its formulas on
+# fastdpo's per-token outputs (0 at every ignored position, so a sum over the row is a sum over
+# the scored tokens).
+
+
+def check_ld_alpha(ld_alpha) -> float | None:
+    """``ld_alpha`` as a float in ``[0, 1]``, or None (LD-DPO off)."""
+    if ld_alpha is None:
+        return None
+    if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, numbers.Real):
+        raise TypeError(
+            f"ld_alpha must be None or a number in [0, 1], got {type(ld_alpha).__name__} {ld_alpha!r}"
+        )
+    if not 0.0 <= float(ld_alpha) <= 1.0:  # also refuses nan
+        raise ValueError(
+            f"ld_alpha must be in [0, 1] (1: plain DPO, 0: the shared prefix only), got {ld_alpha}"
+        )
+    return float(ld_alpha)
+
+
+def check_use_weighting(use_weighting, loss_types: Sequence[str]) -> None:
+    """``use_weighting`` a bool, and not with the losses that sort the batch (as TRL refuses them)."""
+    if not isinstance(use_weighting, bool):
+        raise TypeError(
+            f"use_weighting must be True or False, got {type(use_weighting).__name__} {use_weighting!r}"
+        )
+    sorting = sorted(set(loss_types) & {"aot", "aot_unpaired", "aot_pair"})
+    if use_weighting and sorting:
+        raise ValueError(
+            f"use_weighting=True does not work with loss_type {sorting}: they sort the pairs, "
+            "which would misalign the per-pair weights (TRL refuses them too)"
+        )
+
+
+def length_desensitized_logps(
+    token_logps: torch.Tensor, counted: torch.Tensor, ld_alpha: float
+) -> torch.Tensor:
+    """LD-DPO's ``[2B]`` log-probs (Liu et al. 2024, arXiv 2409.06411), as TRL 1.16 computes them.
+
+    ``token_logps`` ``[2B, T']`` (chosen rows, then rejected), ``counted`` ``[2B, T']`` bool (the
+    scored tokens). Each pair shares ``l = min(chosen tokens, rejected tokens)``: in each of its two
+    rows the first ``l`` scored tokens (the "public" part) count fully and the rest (the "verbose"
+    part) by ``ld_alpha``. Differentiable in ``token_logps``.
+    """
+    position = counted.long().cumsum(-1)  # 1-based index among the scored tokens (TRL's comp_pos)
+    chosen, rejected = counted.sum(-1).chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2).unsqueeze(1)
+    public = counted & (position <= shared)
+    verbose = counted & (position > shared)
+    return (token_logps * public).sum(-1) + ld_alpha * (token_logps * verbose).sum(-1)
+
+
+def wpo_weights(
+    token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """WPO's ``[B]`` pair weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2, as TRL 1.16): per row
+    ``w = exp(mean over scored tokens of (log p(token) - log sum_v p_v^2))``, the chosen row's
+    weight times the rejected row's. ``[2B, T']`` inputs (0 at ignored positions), ``counts``
+    ``[2B]``; no gradient flows through the weights."""
+    with torch.no_grad():
+        aligned = (token_logps.detach() - log_sum_sq_probs).sum(-1) / counts.clamp(min=1)
+        chosen, rejected = torch.exp(aligned).chunk(2)
+        return chosen * rejected

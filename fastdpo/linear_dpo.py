@@ -15,7 +15,10 @@ them by the loss's upstream gradient.
 The reference log-probs are computed first (they enter each pair's loss). Losses that need the
 whole batch - ``aot``, ``aot_pair``, ``aot_unpaired`` (sorted across the batch) and ``sft``
 (normalised by the batch's token count) - take the recompute path, and so does a budget in
-which not even one pair fits. The chunking depends on the budget and the labels only, never on
+which not even one pair fits. So do the options that read per-token outputs the chunk kernel
+does not make: ``use_weighting`` (WPO, which needs ``log sum p^2`` per token), ``token_metrics``
+(entropy and top-1 per token) and ``ld_alpha`` (LD-DPO, which weights each token by where it
+falls in its completion, so a pair's gradient is not one scale per sequence). The chunking depends on the budget and the labels only, never on
 the thread count. The policy log-probs in the returned ``DPOOutput`` stay differentiable: a
 gradient reaching them (besides the loss's) is computed by the recompute path in the backward.
 """
@@ -196,11 +199,13 @@ def _add(a, b):
 
 def loss_in_forward(module, hidden, weight, bias, labels, compute_reference, ref_logps):
     """The loss of ``FusedLinearDPOLoss.forward`` computed by chunks of pairs (see the module
-    docstring), or ``None`` when the recompute path must run (not native, a batch-wide loss, no
-    gradient wanted, or the budget too small)."""
+    docstring), or ``None`` when the recompute path must run (not native, a batch-wide loss, a
+    per-token option, no gradient wanted, or the budget too small)."""
     types = {module.loss_type} if isinstance(module.loss_type, str) else set(module.loss_type)
     needs_grad = any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     if not (torch.is_grad_enabled() and needs_grad) or types & BATCH_LOSSES or module.memory_budget_mib <= 0:
+        return None
+    if module.needs_statistics or module.ld_alpha is not None:  # per-token outputs: see the docstring
         return None
     if resolve_backend(module.backend, hidden.device).name != "native":
         return None

@@ -10,7 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdpo.functional import check_loss_options, check_number, preference_loss
+from fastdpo.backends.common import scored_labels
+from fastdpo.functional import (
+    check_ld_alpha,
+    check_loss_options,
+    check_number,
+    check_use_weighting,
+    length_desensitized_logps,
+    preference_loss,
+    wpo_weights,
+)
 from fastdpo.linear import fused_linear_logps
 from fastdpo.linear_dpo import DEFAULT_MEMORY_BUDGET_MIB, loss_in_forward
 from fastdpo.logps import FusedLogps, fused_logps
@@ -37,11 +46,16 @@ class DPOOutput:
     # float32 maximum (mean |logit| ~2e31 at V = 32000, 512 tokens; docs/design.md, "Bad input").
     mean_chosen_logit: torch.Tensor | None = None
     mean_rejected_logit: torch.Tensor | None = None
+    # With token_metrics=True: 0-dim float64 sums over the counted tokens (see token_sums), from
+    # which metric_tensors() gives TRL's entropy and mean_token_accuracy; a trainer adds them up
+    # over micro-batches and ranks before dividing.
+    token_sums: dict[str, torch.Tensor] | None = None
 
     def metric_tensors(self) -> dict[str, torch.Tensor]:
         """TRL's DPOTrainer metrics (batch means) as detached 0-dim tensors, without a device sync."""
         chosen, rejected = self.chosen_rewards.detach(), self.rejected_rewards.detach()
         missing = torch.full((), float("nan"), device=chosen.device)
+        tokens = {} if self.token_sums is None else token_means(self.token_sums)
         return {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
@@ -51,6 +65,7 @@ class DPOOutput:
             "logps/rejected": self.policy_rejected_logps.detach().mean(),
             "logits/chosen": missing if self.mean_chosen_logit is None else self.mean_chosen_logit,
             "logits/rejected": missing if self.mean_rejected_logit is None else self.mean_rejected_logit,
+            **tokens,
         }
 
     def metrics(self) -> dict[str, float]:
@@ -58,6 +73,34 @@ class DPOOutput:
         tensors = self.metric_tensors()
         values = torch.stack([t.double() for t in tensors.values()]).tolist()
         return dict(zip(tensors, values))
+
+
+def token_sums(policy: FusedLogps) -> dict[str, torch.Tensor]:
+    """What TRL's ``entropy`` and ``mean_token_accuracy`` are made of, as 0-dim float64 sums (no
+    sync): the entropy summed over every counted token, the number of those tokens, and, over the
+    chosen rows only (TRL's accuracy is the chosen completions'), the top-1 hits and the tokens.
+    The statistics are 0 / False at ignored positions, so row sums are sums over counted tokens."""
+    stats, counts = policy.statistics, policy.counts
+    pairs = counts.shape[0] // 2
+    return {
+        "entropy_sum": stats.entropy.sum(dtype=torch.float64),
+        "tokens": counts.sum().double(),
+        "top1_chosen": stats.is_top1[:pairs].sum().double(),
+        "chosen_tokens": counts[:pairs].sum().double(),
+    }
+
+
+def token_means(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``entropy`` (mean over every counted token) and ``mean_token_accuracy`` (top-1 rate over the
+    chosen completions' tokens) from :func:`token_sums` (or their total); 0 where no token counts, as TRL."""
+
+    def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return torch.where(den > 0, num / den.clamp(min=1), 0.0)
+
+    return {
+        "entropy": ratio(sums["entropy_sum"], sums["tokens"]),
+        "mean_token_accuracy": ratio(sums["top1_chosen"], sums["chosen_tokens"]),
+    }
 
 
 def split_pairs(x: torch.Tensor, name: str = "the batch") -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +148,9 @@ class _DPOLossBase(nn.Module):
         f_alpha_divergence_coef: float = 0.5,
         discopop_tau: float = 0.05,
         simpo_gamma: float = 0.5,
+        use_weighting: bool = False,
+        ld_alpha: float | None = None,
+        token_metrics: bool = False,
         shift: bool = True,
     ) -> None:
         super().__init__()
@@ -113,10 +159,15 @@ class _DPOLossBase(nn.Module):
             discopop_tau=discopop_tau,
             simpo_gamma=simpo_gamma,
         )
-        check_loss_options(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, **more)
+        types, _ = check_loss_options(
+            loss_type, loss_weights, beta, label_smoothing, f_divergence_type, **more
+        )
+        check_use_weighting(use_weighting, types)
+        self.ld_alpha = check_ld_alpha(ld_alpha)
         for name, flag in (
             ("reference_free", reference_free),
             ("average_log_prob", average_log_prob),
+            ("token_metrics", token_metrics),
             ("shift", shift),
         ):
             if not isinstance(flag, bool):
@@ -131,9 +182,27 @@ class _DPOLossBase(nn.Module):
         self.reference_free, self.average_log_prob = reference_free, average_log_prob
         self.ignore_index, self.backend, self.shift = int(ignore_index), backend, shift
         self.loss_options = dict(loss_weights=loss_weights, f_divergence_type=f_divergence_type, **more)
+        self.loss_types, self.use_weighting, self.token_metrics = types, use_weighting, token_metrics
 
-    def _sequence(self, out: FusedLogps) -> torch.Tensor:
-        return out.sequence_logps / out.counts.clamp(min=1) if self.average_log_prob else out.sequence_logps
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the policy pass must return token statistics (WPO's weights, the token metrics);
+        when False the kernels compute none of them."""
+        return self.use_weighting or self.token_metrics
+
+    def _counted(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """``[2B, T']`` scored positions, which LD-DPO's split needs (None without ``ld_alpha``)."""
+        if self.ld_alpha is None:
+            return None
+        return scored_labels(labels, self.shift) != self.ignore_index
+
+    def _sequence(self, out: FusedLogps, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """``[2B]`` log-probs the losses compare: summed (LD-DPO's weighted sum when ``counted`` is
+        given), or per-token means with ``average_log_prob``."""
+        logps = out.sequence_logps
+        if counted is not None:
+            logps = length_desensitized_logps(out.token_logps, counted, self.ld_alpha)
+        return logps / out.counts.clamp(min=1) if self.average_log_prob else logps
 
     def _check_reference(self, ref_name: str, ref_inputs, ref_logps, policy_name: str, policy) -> None:
         """Exactly one reference, and the one given fits the policy's ``[2B, T, ...]`` input ``policy``."""
@@ -175,13 +244,14 @@ class _DPOLossBase(nn.Module):
                     f"ref_logps is on {ref_logps.device} but {policy_name} is on {policy.device}"
                 )
 
-    def _reference(self, policy: FusedLogps, ref_name: str, compute, ref_logps) -> torch.Tensor:
+    def _reference(self, policy: FusedLogps, ref_name: str, compute, ref_logps, counted=None) -> torch.Tensor:
         """``[2B]`` reference log-probs: ``compute()`` (a fused pass, run without autograd),
-        precomputed ``ref_logps``, or zeros when reference-free."""
+        precomputed ``ref_logps`` (taken as given: with ``ld_alpha`` they must be LD-DPO's
+        weighted sums, as TRL's precomputed ones are), or zeros when reference-free."""
         if compute is not None:
             try:
                 with torch.no_grad():
-                    return self._sequence(compute())
+                    return self._sequence(compute(), counted)
             except (TypeError, ValueError) as error:  # the kernel checks name "logits"/"hidden": say whose
                 if type(error) not in (TypeError, ValueError):
                     raise
@@ -190,11 +260,17 @@ class _DPOLossBase(nn.Module):
             return ref_logps.detach().float()
         return torch.zeros_like(policy.sequence_logps)
 
-    def loss_from_logps(self, policy: FusedLogps, reference: torch.Tensor, vocab: int) -> DPOOutput:
-        """Finish the loss from the fused pass of the policy and ``[2B]`` reference log-probs."""
-        pi_c, pi_r = split_pairs(self._sequence(policy))
+    def loss_from_logps(
+        self, policy: FusedLogps, reference: torch.Tensor, vocab: int, counted: torch.Tensor | None = None
+    ) -> DPOOutput:
+        """Finish the loss from the fused pass of the policy and ``[2B]`` reference log-probs
+        (``counted``: the scored positions, needed with ``ld_alpha``)."""
+        pi_c, pi_r = split_pairs(self._sequence(policy, counted))
         ref_c, ref_r = split_pairs(reference)
         n_c, n_r = split_pairs(policy.counts)
+        sft_c = None  # with ld_alpha, sft stays the plain NLL of the chosen tokens (as TRL's)
+        if counted is not None and "sft" in self.loss_types:
+            sft_c = split_pairs(self._sequence(policy))[0]
         losses, chosen_rewards, rejected_rewards = preference_loss(
             pi_c,
             pi_r,
@@ -206,8 +282,13 @@ class _DPOLossBase(nn.Module):
             chosen_counts=n_c,
             rejected_counts=n_r,
             average_log_prob=self.average_log_prob,
+            sft_chosen_logps=sft_c,
             **self.loss_options,
         )
+        if self.use_weighting:  # WPO: each pair's loss times its (gradient-free) weight, as TRL
+            losses = losses * wpo_weights(
+                policy.token_logps, policy.statistics.log_sum_sq_probs, policy.counts
+            )
         mean_c, mean_r = mean_logits(policy.logit_sums, policy.counts, vocab)
         return DPOOutput(
             loss=losses.mean(),
@@ -219,6 +300,7 @@ class _DPOLossBase(nn.Module):
             ref_rejected_logps=ref_r,
             mean_chosen_logit=mean_c,
             mean_rejected_logit=mean_r,
+            token_sums=token_sums(policy) if self.token_metrics else None,
         )
 
 
@@ -233,11 +315,26 @@ class DPOLoss(_DPOLossBase):
     length use them as they are, and the ``sft`` term stays the mean NLL over all chosen tokens.
     ``inplace_backward`` lets the backward write the gradient into the policy logits' storage
     (for callers that no longer need the logits; backends without it allocate as usual).
-    Options are those of :func:`fastdpo.preference_loss`; each bad option is a TypeError/ValueError
-    naming it. Deliberate differences from TRL 1.16 (docs/design.md): ``sigmoid`` and ``simpo``
-    honour ``label_smoothing`` (cDPO; TRL's CPO trainer), and ``ipo`` / ``sigmoid_norm`` divide by
-    the number of scored tokens (TRL 1.16 also counts a completion's first token when the
-    completion starts at position 0, where no logit scores it).
+    Options are those of :func:`fastdpo.preference_loss`, plus three that read per-token outputs,
+    as TRL 1.16's ``DPOTrainer`` defines them (fastdpo/functional.py):
+
+    - ``use_weighting`` (WPO): each pair's loss times ``w_c * w_r``, ``w = exp(mean over the
+      row's scored tokens of log p(token) - log sum_v p_v^2)``, without gradient; not with
+      ``aot*`` (they sort the pairs). Asks the kernel for token statistics (same pass).
+    - ``ld_alpha`` (LD-DPO, in ``[0, 1]``, None: off): the log-probs of both policy and
+      reference become the sum over each row's first ``min(chosen, rejected)`` scored tokens
+      plus ``ld_alpha`` times the rest; ``sft`` keeps the plain NLL. Precomputed ``ref_logps``
+      are taken as given, so compute them with the same ``ld_alpha``.
+    - ``token_metrics``: ``DPOOutput.metrics()`` also gives TRL's ``entropy`` (mean over every
+      scored token) and ``mean_token_accuracy`` (top-1 rate over the chosen tokens), from token
+      statistics of the same pass; off, the kernels compute none. (TRL's ``num_tokens`` counts
+      prompt and completion tokens, which the labels do not say: the trainer logs it.)
+
+    Each bad option is a TypeError/ValueError naming it. Deliberate differences from TRL 1.16
+    (docs/design.md): ``sigmoid`` and ``simpo`` honour ``label_smoothing`` (cDPO; TRL's CPO
+    trainer), and ``ipo`` / ``sigmoid_norm`` divide by the number of scored tokens (TRL 1.16 also
+    counts a completion's first token when the completion starts at position 0, where no logit
+    scores it).
     """
 
     def __init__(self, *args, inplace_backward: bool = False, **kwargs) -> None:
@@ -246,7 +343,9 @@ class DPOLoss(_DPOLossBase):
             raise TypeError(f"inplace_backward must be True or False, got {inplace_backward!r}")
         self.inplace_backward = inplace_backward
 
-    def _logps(self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False) -> FusedLogps:
+    def _logps(
+        self, logits: torch.Tensor, labels: torch.Tensor, inplace: bool = False, statistics: bool = False
+    ) -> FusedLogps:
         return fused_logps(
             logits,
             labels,
@@ -254,6 +353,7 @@ class DPOLoss(_DPOLossBase):
             shift=self.shift,
             backend=self.backend,
             inplace_backward=inplace,
+            statistics=statistics,
         )
 
     def forward(
@@ -265,10 +365,11 @@ class DPOLoss(_DPOLossBase):
         ref_logps: torch.Tensor | None = None,
     ) -> DPOOutput:
         self._check_reference("ref_logits", ref_logits, ref_logps, "policy_logits", policy_logits)
-        policy = self._logps(policy_logits, labels, self.inplace_backward)
+        policy = self._logps(policy_logits, labels, self.inplace_backward, self.needs_statistics)
+        counted = self._counted(labels)  # after the pass, which checked the labels
         compute = None if ref_logits is None else (lambda: self._logps(ref_logits, labels))
-        reference = self._reference(policy, "ref_logits", compute, ref_logps)
-        return self.loss_from_logps(policy, reference, policy_logits.shape[-1])
+        reference = self._reference(policy, "ref_logits", compute, ref_logps, counted)
+        return self.loss_from_logps(policy, reference, policy_logits.shape[-1], counted)
 
 
 class FusedLinearDPOLoss(_DPOLossBase):
@@ -284,7 +385,8 @@ class FusedLinearDPOLoss(_DPOLossBase):
     ``hidden``, ``weight`` and ``bias``. Options are those of :class:`DPOLoss`, plus
     ``memory_budget_mib``: the float32 softmax tiles the native backend may keep to skip the
     backward's recompute of the logits (fastdpo/linear_dpo.py: per-pair losses only; ``aot*``
-    and ``sft`` always recompute; 0 always recomputes).
+    and ``sft`` always recompute, and so do ``use_weighting``, ``ld_alpha`` and
+    ``token_metrics``, whose per-token outputs that kernel does not make; 0 always recomputes).
     """
 
     def __init__(self, *args, memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
@@ -293,7 +395,9 @@ class FusedLinearDPOLoss(_DPOLossBase):
             raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
         self.memory_budget_mib = memory_budget_mib
 
-    def _logps(self, hidden, weight, labels, bias) -> FusedLogps:
+    def _logps(self, hidden, weight, labels, bias, statistics: bool = False) -> FusedLogps:
+        # The option is passed only when set: statistics cost nothing unless asked for.
+        asked = {"statistics": True} if statistics else {}
         return fused_linear_logps(
             hidden,
             weight,
@@ -302,6 +406,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
             ignore_index=self.ignore_index,
             shift=self.shift,
             backend=self.backend,
+            **asked,
         )
 
     def forward(
@@ -328,6 +433,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
         eager = loss_in_forward(self, hidden, weight, bias, labels, compute, ref_logps)
         if eager is not None:
             return eager
-        policy = self._logps(hidden, weight, labels, bias)
-        reference = self._reference(policy, "ref_hidden, ref_weight, ref_bias", compute, ref_logps)
-        return self.loss_from_logps(policy, reference, weight.shape[0])
+        policy = self._logps(hidden, weight, labels, bias, self.needs_statistics)
+        counted = self._counted(labels)
+        reference = self._reference(policy, "ref_hidden, ref_weight, ref_bias", compute, ref_logps, counted)
+        return self.loss_from_logps(policy, reference, weight.shape[0], counted)

@@ -213,6 +213,25 @@ BAD = [
     Bad("budget True", FUSED_LOSS, _option(memory_budget_mib=True), TypeError, BUDGET_NUMBER),
     Bad("budget nan", FUSED_LOSS, _option(memory_budget_mib=NAN), ValueError, BUDGET_FINITE),
     Bad("budget inf", FUSED_LOSS, _option(memory_budget_mib=INF), ValueError, BUDGET_FINITE),
+    # token-level options (issue 16)
+    Bad("ld_alpha 1.5", MODULES, _option(ld_alpha=1.5), ValueError, r"ld_alpha must be in \[0, 1\]"),
+    Bad("ld_alpha nan", MODULES, _option(ld_alpha=NAN), ValueError, r"ld_alpha must be in \[0, 1\]"),
+    Bad("ld_alpha '0.5'", MODULES, _option(ld_alpha="0.5"), TypeError, "ld_alpha must be None or a number"),
+    Bad("ld_alpha True", MODULES, _option(ld_alpha=True), TypeError, "ld_alpha must be None or a number"),
+    Bad(
+        "use_weighting 1", MODULES, _option(use_weighting=1), TypeError, "use_weighting must be True or False"
+    ),
+    Bad(
+        "use_weighting aot",
+        MODULES,
+        _option(use_weighting=True, loss_type="aot"),
+        ValueError,
+        "use_weighting",
+    ),
+    Bad("token_metrics 'y'", MODULES, _option(token_metrics="y"), TypeError, "token_metrics must be True or"),
+    Bad(
+        "sft logps int", PAIRS, _option(sft_chosen_logps=torch.zeros(2).long()), TypeError, "sft_chosen_logps"
+    ),
 ]
 
 

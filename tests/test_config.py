@@ -42,6 +42,8 @@ def test_an_explicit_max_prompt_length_is_kept_or_rejected():
         ),
         (dict(precompute_ref_log_probs=True, reference_free=True), "exclusive"),
         (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be >= 1"),
+        (dict(ld_alpha=2.0), r"ld_alpha must be in \[0, 1\]"),
+        (dict(use_weighting=True, loss_type="aot"), "use_weighting=True does not work with loss_type"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):

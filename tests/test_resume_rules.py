@@ -127,11 +127,23 @@ def test_the_loss_options_are_refused_too(gpt2_dir, half_run):
         simpo_gamma=1.0,
         average_log_prob=True,
         loss_weights=[2.0],
+        use_weighting=True,
+        ld_alpha=0.5,
     )
     with pytest.raises(ValueError, match="cannot resume from") as error:
         resume(gpt2_dir, half_run, **changes)
     for name in changes:
         assert name in str(error.value), name
+
+
+def test_a_loss_type_and_the_list_of_it_are_the_same_run(gpt2_dir, half_run, tmp_path):
+    """ "sigmoid" (the checkpoint's) is ["sigmoid"], and no loss_weights is a weight of 1 each."""
+    out = shutil.copytree(half_run, tmp_path / "run")
+    trainer = make_trainer(gpt2_dir, out, **{**RUN, "loss_type": ["sigmoid"], "loss_weights": [1.0]})
+    trainer.train(resume_from_checkpoint=out / "checkpoint-2")
+    assert trainer.step == 4
+    with pytest.raises(ValueError, match=r"loss_weights \[1.0\] -> \[0.5\]"):
+        resume(gpt2_dir, half_run, loss_type=["sigmoid"], loss_weights=[0.5])
 
 
 def test_max_prompt_length_auto_is_compared_by_its_value(gpt2_dir, half_run, tmp_path):

@@ -312,7 +312,7 @@ def eval_command(args) -> int:
     runtime = Runtime.detect(config.device, config.bf16)
     model, tokenizer = load_model(str(model_path), args.dtype, args.download)
     policy = PolicyLoss.build(model.to(runtime.device), config)
-    score = Scorer(runtime, average=config.average_log_prob, backend=config.backend)
+    score = Scorer(runtime, average=config.average_log_prob, backend=config.backend, ld_alpha=config.ld_alpha)
     reference = NoReference()
     if ref_path:
         reference = OtherModel(load_model(ref_path, args.dtype, args.download)[0], score, config.fused_linear)

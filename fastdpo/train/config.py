@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from fastdpo.functional import F_DIVERGENCES, LOSS_TYPES, check_loss_options
+from fastdpo.functional import (
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    check_ld_alpha,
+    check_loss_options,
+    check_use_weighting,
+)
 
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PROMPT_BUDGET = 512  # max_prompt_length="auto": this, or half of a max_length that is not larger
@@ -68,6 +74,18 @@ class DPOConfig:
     f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type=alpha_divergence.", "loss")
     discopop_tau: float = option(0.05, "Temperature of the discopop loss (DiscoPOP's tau).", "loss")
     simpo_gamma: float = option(0.5, "Target reward margin of the simpo loss.", "loss")
+    use_weighting: bool = option(
+        False,
+        "WPO: weight each pair's loss by the policy's length-normalised probabilities of its two "
+        "completions (not with aot losses).",
+        "loss",
+    )
+    ld_alpha: float | None = option(
+        None,
+        "LD-DPO: weight, in [0, 1], of the completion tokens past the length the pair's chosen and "
+        "rejected completions share (None: off, as 1).",
+        "loss",
+    )
 
     # reference: a frozen copy of the model (default), log-probs precomputed once, or none
     precompute_ref_log_probs: bool = option(
@@ -139,6 +157,12 @@ class DPOConfig:
     )
 
     # logging and checkpoints
+    token_metrics: bool = option(
+        False,
+        "Also log TRL's entropy and mean_token_accuracy, from token statistics of the loss's own "
+        "pass (the native fused linear loss then recomputes the logits in the backward).",
+        "output",
+    )
     metrics_file: str = option(
         "metrics.jsonl", "File in output_dir with a line per step and evaluation ('' for none).", "output"
     )
@@ -152,9 +176,13 @@ class DPOConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and f.name != "loss_type" and value not in choices:
                 raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
-        check_loss_options(
+        types, _ = check_loss_options(
             self.loss_type, self.loss_weights, self.beta, self.label_smoothing, self.f_divergence_type
         )
+        check_use_weighting(self.use_weighting, types)
+        check_ld_alpha(self.ld_alpha)
+        if not isinstance(self.token_metrics, bool):
+            raise TypeError(f"token_metrics must be True or False, got {self.token_metrics!r}")
         if self.precompute_ref_log_probs and self.reference_free:
             raise ValueError("precompute_ref_log_probs and reference_free are exclusive: pick one reference")
         if self.max_prompt_length == "auto":
@@ -192,6 +220,9 @@ class DPOConfig:
             "f_alpha_divergence_coef",
             "discopop_tau",
             "simpo_gamma",
+            "use_weighting",
+            "ld_alpha",
+            "token_metrics",
         )
         return {name: getattr(self, name) for name in names}
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdpo.linear import linear_sequence_logps
-from fastdpo.logps import sequence_logps
+from fastdpo.backends.common import scored_labels
+from fastdpo.functional import length_desensitized_logps
+from fastdpo.linear import fused_linear_logps, linear_sequence_logps
+from fastdpo.logps import fused_logps, sequence_logps
 from fastdpo.modules import DPOLoss, DPOOutput, FusedLinearDPOLoss
+from fastdpo.train.data import IGNORE_INDEX
 
 # Config attributes with which a model's logits are not ``hidden @ W.T + b`` (as in TRL's fused head).
 LOGIT_TRANSFORMS = (
@@ -128,9 +131,21 @@ def model_sequence_logps(
     fused: bool,
     average: bool = False,
     backend: str = "auto",
+    ld_alpha: float | None = None,
 ) -> torch.Tensor:
-    """``[2B]`` float32 summed (or averaged) completion log-probs of ``model`` on a collated batch."""
+    """``[2B]`` float32 summed (or averaged) completion log-probs of ``model`` on a collated batch;
+    with ``ld_alpha``, LD-DPO's weighted sums (as the loss weights the policy's)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if ld_alpha is not None:
+        if fused:
+            hidden, weight, bias = hidden_and_head(model, ids, mask)
+            out = fused_linear_logps(hidden, weight, labels, bias=bias, backend=backend)
+        else:
+            out = fused_logps(logits_of(model, ids, mask), labels, backend=backend)
+        logps = length_desensitized_logps(
+            out.token_logps, scored_labels(labels, True) != IGNORE_INDEX, ld_alpha
+        )
+        return logps / out.counts.clamp(min=1) if average else logps
     if fused:
         hidden, weight, bias = hidden_and_head(model, ids, mask)
         return linear_sequence_logps(hidden, weight, labels, bias=bias, average=average, backend=backend)

@@ -39,10 +39,13 @@ class Scorer:
     runtime: Runtime
     average: bool = False  # per-token means instead of sums (average_log_prob)
     backend: str = "auto"
+    ld_alpha: float | None = None  # LD-DPO's weighted sums, as the loss takes the policy's
 
     def __call__(self, model: nn.Module, fused: bool, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.runtime.autocast():
-            return model_sequence_logps(model, batch, fused=fused, average=self.average, backend=self.backend)
+            return model_sequence_logps(
+                model, batch, fused=fused, average=self.average, backend=self.backend, ld_alpha=self.ld_alpha
+            )
 
 
 class Reference:

@@ -33,6 +33,8 @@ RESUME_RULES: dict[str, str] = {
     "f_alpha_divergence_coef": CHANGES,
     "discopop_tau": CHANGES,
     "simpo_gamma": CHANGES,
+    "use_weighting": CHANGES,
+    "ld_alpha": CHANGES,
     # the reference (with precomputed log-probs, the checkpoint's table is the reference)
     "precompute_ref_log_probs": CHANGES,
     "reference_free": CHANGES,
@@ -72,6 +74,7 @@ RESUME_RULES: dict[str, str] = {
     "save_steps": FREE,
     "save_total_limit": FREE,
     "progress_bar": FREE,
+    "token_metrics": FREE,
 }
 # Beyond the options, a resume must match these facts of the run (all CHANGES).
 RUN_FACTS = {
@@ -149,11 +152,26 @@ def _short(value) -> str:
     return json.dumps(value)
 
 
+def _same_losses(config: dict) -> dict:
+    """``config`` with the loss list spelled one way: ``"sigmoid"`` is ``["sigmoid"]``, and
+    ``loss_weights=None`` is a weight of 1 for each loss type (the same loss either way)."""
+    types = config.get("loss_type")
+    if isinstance(types, str):
+        types = [types]
+    weights = config.get("loss_weights")
+    if weights is None and isinstance(types, list):
+        weights = [1.0] * len(types)
+    elif isinstance(weights, list):
+        weights = [float(w) for w in weights]
+    return {**config, "loss_type": types, "loss_weights": weights}
+
+
 def differences(saved: dict, current: dict) -> list[str]:
     """``"name: old -> new"`` for each option or fact that may not change on resume."""
     found = []
+    before, now = _same_losses(saved["config"]), _same_losses(current["config"])
     for name, kind in RESUME_RULES.items():
-        old, new = saved["config"].get(name, current["config"][name]), current["config"][name]
+        old, new = before.get(name, now[name]), now[name]
         if kind == CHANGES and old != new:
             found.append(f"{name} {_short(old)} -> {_short(new)}")
     for name in RUN_FACTS:

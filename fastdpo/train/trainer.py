@@ -12,9 +12,10 @@ the ranks and then into micro-batches; each micro-batch goes through the model a
 ``[chosen; rejected]`` forward (:class:`fastdpo.train.lm.PolicyLoss`), and its loss is weighted by its
 share of the global batch, so the gradient is the mean over the pairs of the step however they
 are split. Then clipping, AdamW, the learning-rate schedule, one metrics line (TRL's names) and,
-every ``save_steps``, an atomic checkpoint. Option names follow TRL's ``DPOConfig``. (Losses that
-look across the batch, ``aot`` / ``aot_unpaired`` and the ``sft`` mean, see one micro-batch at a
-time, as in TRL with gradient accumulation.)
+every ``save_steps``, an atomic checkpoint. The step's metrics stay on the device until the
+step ends (:mod:`fastdpo.train.step_metrics`: one transfer per optimizer step). Option names
+follow TRL's ``DPOConfig``. (Losses that look across the batch, ``aot`` / ``aot_unpaired`` and
+the ``sft`` mean, see one micro-batch at a time, as in TRL with gradient accumulation.)
 """
 
 from __future__ import annotations
@@ -41,18 +42,7 @@ from fastdpo.train.evaluate import batches, evaluate_pairs
 from fastdpo.train.lm import PolicyLoss
 from fastdpo.train.reference import FrozenCopy, NoReference, OtherModel, Precomputed, Reference, Scorer
 from fastdpo.train.run_dir import RunDir, writes_output_dir  # issue 13 (trust): output-dir ownership + lock
-
-STEP_METRICS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-)
+from fastdpo.train.step_metrics import StepSums, pair_tokens
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -110,6 +100,7 @@ class DPOTrainer:
         self._setup_distributed()
         self._setup_optimizer()
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens trained on so far
         self.evaluations: list[dict] = []  # every evaluate() result, with its step
         self.saved_step: int | None = None
         # issue 13 (trust): the output dir is locked and checked when written; the run's record for resumes
@@ -147,7 +138,7 @@ class DPOTrainer:
         c = self.config
         if c.reference_free and ref_model is not None:
             raise ValueError("reference_free=True and a ref_model were both given: pick one reference")
-        score = Scorer(self.runtime, average=c.average_log_prob, backend=c.backend)
+        score = Scorer(self.runtime, average=c.average_log_prob, backend=c.backend, ld_alpha=c.ld_alpha)
         other = None if ref_model is None else OtherModel(ref_model, score, c.fused_linear)
         self.reference: Reference
         if c.reference_free:
@@ -174,6 +165,7 @@ class DPOTrainer:
             eps=c.adam_epsilon,
         )
         self.global_batch = c.per_device_train_batch_size * self.world * c.gradient_accumulation_steps
+        self.pair_tokens = pair_tokens(self.splits["train"])
         self.steps_per_epoch = math.ceil(len(self.splits["train"]) / self.global_batch)
         if c.max_steps > 0:
             self.total_steps = c.max_steps
@@ -217,13 +209,21 @@ class DPOTrainer:
     def _batches(self, data: PreferenceData):
         return batches(data, self.runtime, self.config.per_device_eval_batch_size, self.pad_id)
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.seed + epoch)
+        return torch.randperm(len(self.splits["train"]), generator=generator)
+
     def _step_indices(self, step: int) -> list[int]:
         """Indices of the pairs of optimizer step ``step`` (same on every rank)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(
-            len(self.splits["train"]), generator=torch.Generator().manual_seed(self.config.seed + epoch)
-        )
+        order = self._epoch_order(epoch)
         return order[position * self.global_batch : (position + 1) * self.global_batch].tolist()
+
+    def _tokens_before(self, step: int) -> int:
+        """``num_tokens`` after ``step`` optimizer steps: every epoch holds every pair once."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        done = self._epoch_order(epoch)[: position * self.global_batch]
+        return epoch * int(self.pair_tokens.sum()) + int(self.pair_tokens[done].sum())
 
     def precompute_reference(self) -> None:
         """With ``precompute_ref_log_probs``: the reference log-probs of every pair of every dataset,
@@ -320,7 +320,7 @@ class DPOTrainer:
         weights = [len(m) for m in micro] or [0]
         micro = micro or [indices[:1]]
         module = self.ddp or self.policy
-        sums = torch.zeros(len(STEP_METRICS) + 1, dtype=torch.float64)
+        sums = StepSums(c.token_metrics)
         for k, (pairs, weight) in enumerate(zip(micro, weights)):
             batch = self._batch(pairs)
             ref = self.reference.logps(batch, pairs, "train")
@@ -332,13 +332,7 @@ class DPOTrainer:
                 # DDP averages gradients over ranks: scale so the result is the mean over all pairs.
                 (out.loss * (self.world * weight / len(indices))).backward()
             if weight:
-                metrics = out.metrics()
-                sums += torch.tensor(
-                    [out.loss.item() * weight]
-                    + [float(metrics[m]) * weight for m in STEP_METRICS[1:]]
-                    + [weight],
-                    dtype=torch.float64,
-                )
+                sums.add(out, weight)  # on the device: no sync per micro-batch
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(
             params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
@@ -349,9 +343,10 @@ class DPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.reference.policy_updated()
-        sums = self.runtime.all_reduce(sums)
-        metrics = {m: (sums[i] / sums[-1]).item() for i, m in enumerate(STEP_METRICS)}
+        metrics = sums.reduce(self.runtime)
+        self.num_tokens += int(self.pair_tokens[indices].sum())
         metrics.update(
+            num_tokens=self.num_tokens,
             learning_rate=learning_rate,
             grad_norm=grad_norm.item(),
             step=self.step,
@@ -414,6 +409,7 @@ class DPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
+        self.num_tokens = self._tokens_before(self.step)
         self.evaluations = state["evaluations"]
         self.reference.load_state_dict(state, where=path)
         if self.step > 0:
