@@ -396,8 +396,6 @@ class FusedLinearDPOLoss(_DPOLossBase):
         self.memory_budget_mib = memory_budget_mib
 
     def _logps(self, hidden, weight, labels, bias, statistics: bool = False) -> FusedLogps:
-        # The option is passed only when set: statistics cost nothing unless asked for.
-        asked = {"statistics": True} if statistics else {}
         return fused_linear_logps(
             hidden,
             weight,
@@ -406,7 +404,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
             ignore_index=self.ignore_index,
             shift=self.shift,
             backend=self.backend,
-            **asked,
+            statistics=statistics,  # computed only when asked for
         )
 
     def forward(

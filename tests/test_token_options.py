@@ -25,8 +25,8 @@ from fastdpo.functional import length_desensitized_logps, wpo_weights
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")  # the [trl] extra; installed in CI
 
-LOGITS_BACKENDS = ["torch"]  # fused_logps(statistics=True) exists
-LINEAR_BACKENDS = ["torch", "native"]  # fused_linear_logps(statistics=True) (issue 16 item 2)
+LOGITS_BACKENDS = ["torch", "triton"]  # fused_logps(statistics=True)
+LINEAR_BACKENDS = ["torch", "triton", "native"]  # fused_linear_logps(statistics=True)
 # (prompt tokens, chosen tokens, rejected tokens) of three pairs: unequal completions, so LD-DPO's
 # shared prefix differs from both, and one pair whose rejected completion is the longer.
 PAIRS = [(2, 5, 3), (3, 2, 6), (1, 4, 4)]
