@@ -2,7 +2,6 @@
 float32 while TRL's fused head never runs; fallbacks; PEFT; precomputed references; torchrun."""
 
 import copy
-import json
 import os
 import pathlib
 import subprocess
@@ -20,8 +19,6 @@ from trl_helpers import sgd_config  # noqa: E402
 
 import fastdpo.trl  # noqa: E402
 import fastdpo.trl.lm_head as fastdpo_lm_head  # noqa: E402
-from fastdpo.trl import head_statistics  # noqa: E402
-from fastdpo.trl.statistics import STATISTICS  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Trainer's log keys that are timings, not results.
@@ -171,8 +168,7 @@ def test_precomputed_reference_and_evaluation(tokenizer, monkeypatch):
     expected = train(trl.DPOTrainer, tokenizer, **config)
     forbid_trl_head(monkeypatch)
     calls = []
-    statistics = fastdpo_lm_head.head_statistics
-    monkeypatch.setattr(fastdpo_lm_head, "head_statistics", lambda *a: calls.append(a[-1]) or statistics(*a))
+    record_statistics_requests(monkeypatch, calls)
     precompute = fastdpo.trl.DPOTrainer.compute_ref_log_probs
     precomputed = []
     monkeypatch.setattr(
@@ -183,8 +179,8 @@ def test_precomputed_reference_and_evaluation(tokenizer, monkeypatch):
     actual = train(fastdpo.trl.DPOTrainer, tokenizer, **config)
     assert actual[2].ref_model is None and precomputed  # scored here, not read from TRL's cache
     # Statistics for the policy's passes only (3 training steps, evaluations at steps 2 and 3),
-    # none while precomputing the reference
-    assert calls == [("entropy", "mean_logits", "is_top1")] * (3 + 2)
+    # none while precomputing the reference (which comes first)
+    assert calls[-5:] == [True] * (3 + 2) and calls[:-5] and not any(calls[:-5])
     assert_same_run(expected, actual)
     assert any("eval_entropy" in step for step in actual[0])
 
@@ -200,13 +196,20 @@ def test_peft_lora(tokenizer, monkeypatch):
     assert any("lora_B" in name and update.abs().max() > 0 for name, update in actual[1].items())
 
 
+def record_statistics_requests(monkeypatch, calls: list) -> None:
+    """Record the ``statistics`` flag of every fused linear pass fastdpo's head makes."""
+    fused = fastdpo_lm_head.fused_linear_logps
+    monkeypatch.setattr(
+        fastdpo_lm_head, "fused_linear_logps", lambda *a, **k: calls.append(k["statistics"]) or fused(*a, **k)
+    )
+
+
 def test_statistics_only_when_trl_reads_them(tokenizer, monkeypatch):
     calls = []
-    statistics = fastdpo_lm_head.head_statistics
-    monkeypatch.setattr(fastdpo_lm_head, "head_statistics", lambda *a: calls.append(a[-1]) or statistics(*a))
+    record_statistics_requests(monkeypatch, calls)
     train(fastdpo.trl.DPOTrainer, tokenizer, use_weighting=True)
-    # One call per step, the policy's; the reference's head computes log-probs only.
-    assert calls == [("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")] * 3
+    # Two passes per step; the policy's asks for statistics, the reference's computes log-probs only.
+    assert len(calls) == 6 and calls.count(True) == 3
 
 
 def test_other_calls_go_to_the_model(tokenizer):
@@ -280,148 +283,33 @@ def float64_statistics(hidden, weight, bias, labels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_head_statistics_match_float64(dtype, with_bias, monkeypatch):
-    # Odd shapes, and tiles of 3 rows and 7 vocabulary columns, so that every loop runs several times
+def test_head_statistics_match_float64_under_autocast(dtype, with_bias):
+    # What the head hands TRL: the statistics of the fused linear pass (odd shapes), whose float32
+    # products an enclosing bfloat16 autocast region must not lower.
     rows, hidden_size, vocab = 37, 16, 301
-    monkeypatch.setattr("fastdpo.trl.statistics.TILE_BYTES", 4 * max(3 * vocab, 7 * hidden_size))
     gen = torch.Generator().manual_seed(0)
     hidden = (2 * torch.randn(rows, hidden_size, generator=gen)).to(dtype)
     weight = torch.randn(vocab, hidden_size, generator=gen).to(dtype)
     bias = torch.randn(vocab, generator=gen).to(dtype) if with_bias else None
     labels = torch.randint(0, vocab, (rows,), generator=gen)
     labels[:5] = (hidden[:5].float() @ weight.float().T).argmax(-1)  # some labels are the top-1 token
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # must not lower the products' precision
-        got = head_statistics(hidden, weight, bias, labels, STATISTICS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastdpo_lm_head.fused_linear_logps(
+            hidden[None], weight, labels[None], bias=bias, shift=False, statistics=True
+        )
     truth = float64_statistics(hidden, weight, bias, labels)
     for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
-        assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name].double(), truth[name], rtol=1e-5, atol=1e-5, msg=name)
-    assert torch.equal(got["is_top1"], truth["is_top1"]) and got["is_top1"][:5].all()
-    assert head_statistics(hidden, weight, bias, labels, ("entropy",)).keys() == {"entropy"}
-    with pytest.raises(ValueError, match="names must be among"):
-        head_statistics(hidden, weight, bias, labels, ("logits",))
+        value = getattr(got.statistics, name)[0]
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), truth[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(got.statistics.is_top1[0], truth["is_top1"]) and got.statistics.is_top1[0, :5].all()
 
 
 def test_is_top1_counts_a_tie_only_for_the_first_token():
     # TRL counts the label as top-1 only when no earlier token has the same logit (argmax's choice)
     weight = torch.tensor([[1.0], [1.0], [0.0]])
-    got = head_statistics(torch.ones(2, 1), weight, None, torch.tensor([0, 1]), ("is_top1",))
-    assert got["is_top1"].tolist() == [True, False]
-
-
-def test_torchrun_two_processes_match_one(gpt2_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-    from trl_torchrun import run
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(REPO / "tests" / "trl_torchrun.py"),
-        str(gpt2_dir),
-        str(tmp_path / "ddp"),
-        "--batch-size",
-        "2",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ddp = json.loads((tmp_path / "ddp" / "run.json").read_text())
-    assert ddp["num_processes"] == 2
-
-    one = run(str(gpt2_dir), str(tmp_path / "one"), batch_size=4)  # the same global batch
-    assert one.accelerator.num_processes == 1
-    before = AutoModelForCausalLM.from_pretrained(gpt2_dir).state_dict()
-    after_ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
-    updates = lambda weights: {k: weights[k] - before[k] for k in before}  # noqa: E731
-    assert_same_run(
-        (one.state.log_history, updates(one.model.state_dict()), one),
-        (ddp["log_history"], updates(after_ddp), None),
-        ignore=["total_flos"],
+    labels = torch.tensor([[0, 1]])
+    got = fastdpo_lm_head.fused_linear_logps(
+        torch.ones(1, 2, 1), weight, labels, shift=False, statistics=True
     )
-    # (Trainer estimates total_flos from the padded batch shapes, which differ per rank.)
-
-
-@pytest.mark.parametrize("pre_shifted", [False, True])
-def test_head_gives_what_trls_head_gives(pre_shifted, tokenizer):
-    # Straight at the head: every FusedCausalLMOutput field and the log-probs' gradient, with
-    # labels or pre-shifted shift_labels (context parallelism), with num_items_in_batch.
-    torch.manual_seed(1)
-    ids = torch.randint(0, len(tokenizer), (3, 12))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    labels[1, 9:] = -100
-    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_items_in_batch=torch.tensor(17))
-    shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], 1)  # as transformers pre-shifts them
-    call |= dict(shift_labels=shifted) if pre_shifted else dict(labels=labels)
-    outputs = ("log_probs", *STATISTICS)
-    results = []
-    for add in (trl_utils.add_fused_lm_head, fastdpo.trl.add_fastdpo_lm_head):
-        model = tiny_lm(tokenizer, "phi")
-        add(model, outputs=outputs)
-        out = model(**call, fused_lm_head=True)
-        out.log_probs.pow(2).sum().backward()  # a gradient that differs per token
-        results.append((out, {k: p.grad for k, p in model.named_parameters()}))
-    (trl_out, trl_grads), (out, grads) = results
-    for name in ("loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits"):
-        torch.testing.assert_close(getattr(out, name), getattr(trl_out, name), rtol=1e-5, atol=1e-5, msg=name)
-    assert torch.equal(out.is_top1, trl_out.is_top1) and torch.equal(out.label_mask, trl_out.label_mask)
-    assert out.log_probs.shape == ((3, 12) if pre_shifted else (3, 11)) and out.aux_loss is None
-    for name, grad in trl_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
-
-
-def test_bf16_mixed_precision_runs_both_heads_under_autocast(tokenizer, monkeypatch):
-    # TRL's default bf16=True: accelerate wraps the reference's forward (in TRL's constructor) and
-    # the policy's (in train) in bfloat16 autocast; fastdpo's head must run inside those wrappers.
-    expected = train(trl.DPOTrainer, tokenizer, bf16=True, max_steps=1)[0][0]
-    forbid_trl_head(monkeypatch)
-    dtypes = []
-    linear_token_logps = fastdpo_lm_head.linear_token_logps
-    monkeypatch.setattr(
-        fastdpo_lm_head,
-        "linear_token_logps",
-        lambda hidden, *a, **k: dtypes.append(hidden.dtype) or linear_token_logps(hidden, *a, **k),
-    )
-    actual = train(fastdpo.trl.DPOTrainer, tokenizer, bf16=True, max_steps=1)[0][0]
-    assert dtypes == [torch.bfloat16, torch.bfloat16]  # the policy, then the reference
-    # TRL rounds its logits to bfloat16, fastdpo keeps the products of bfloat16 operands in float32.
-    for key in ("loss", "logps/chosen", "logps/rejected", "entropy"):
-        assert actual[key] == pytest.approx(expected[key], rel=1e-2), key
-
-
-def test_trl_module_is_left_as_it_was(tokenizer):
-    import trl.trainer.dpo_trainer as trl_dpo_trainer
-
-    train(fastdpo.trl.DPOTrainer, tokenizer, max_steps=1)
-    with pytest.raises(ValueError, match="train_dataset"):  # TRL's own error, from inside the swap
-        fastdpo.trl.DPOTrainer(model=tiny_lm(tokenizer), args=trl.DPOConfig("unused", use_cpu=True))
-    assert trl_dpo_trainer.add_fused_lm_head is trl_utils.add_fused_lm_head
-    # and a plain TRL trainer built afterwards runs TRL's own head
-    model = train(trl.DPOTrainer, tokenizer, max_steps=1)[2].model
-    assert model.forward.__func__.__code__.co_filename == trl_utils.__file__
-
-
-def test_fallback_reasons(tokenizer, monkeypatch):
-    from fastdpo.trl.lm_head import fallback_reason
-
-    model = tiny_lm(tokenizer)
-    assert fallback_reason(model, {}) is None
-    assert fallback_reason(model, {}, temperature=0.7) == "TRL's head divides the logits by temperature=0.7"
-    assert "Mixture-of-Experts" in fallback_reason(model, {"output_router_logits": True})
-    cases = {  # config attribute -> the factor TRL's head would apply
-        "logit_scale": (0.25, "0.25"),
-        "output_multiplier": (2.0, "2.0"),
-        "lm_head_multiplier": (3.0, "3.0"),
-        "logits_scaling": (4.0, "0.25"),
-    }
-    for name, (value, factor) in cases.items():
-        monkeypatch.setattr(model.config, name, value, raising=False)
-        assert fallback_reason(model, {}) == f"the model scales its logits by {factor}", name
-        monkeypatch.undo()
-    monkeypatch.setattr(model.config, "logit_scale", 1.0, raising=False)  # TRL's head: unscaled
-    assert fallback_reason(model, {}) is None
-    model.lm_head.weight = torch.nn.Parameter(torch.zeros(300, 32, dtype=torch.int8), requires_grad=False)
-    assert "not a float matrix" in fallback_reason(model, {})
+    assert got.statistics.is_top1.tolist() == [[True, False]]

@@ -2,7 +2,7 @@
 ``from trl import DPOTrainer``, nothing else changed.
 
 Needs TRL 1.16 (``pip install fastdpo[trl]``). See fastdpo/trl/trainer.py for what is
-overridden, fastdpo/trl/lm_head.py for the head, fastdpo/trl/statistics.py for the statistics.
+overridden, fastdpo/trl/lm_head.py for the head.
 """
 
 import warnings
@@ -27,7 +27,6 @@ if Version(trl.__version__) >= Version("1.17"):
     )
 
 from fastdpo.trl.lm_head import add_fastdpo_lm_head  # noqa: E402
-from fastdpo.trl.statistics import head_statistics  # noqa: E402
 from fastdpo.trl.trainer import DPOTrainer  # noqa: E402
 
-__all__ = ["DPOTrainer", "add_fastdpo_lm_head", "head_statistics"]
+__all__ = ["DPOTrainer", "add_fastdpo_lm_head"]

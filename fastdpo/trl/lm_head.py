@@ -5,7 +5,7 @@ TRL's ``DPOTrainer`` gets every log-probability and statistic it uses from one c
 installs as ``model.forward`` and which returns a ``FusedCausalLMOutput``. :func:`add_fastdpo_lm_head`
 adds TRL's head and wraps it: fused calls run the backbone, then fastdpo's fused linear path on the last
 hidden states and the head (only counted positions projected, float32 statistics, the native
-kernel on CPU, Triton on CUDA); every other call, and every model the fused path cannot
+kernel on CPU, Triton on CUDA, the statistics TRL reads from the same pass); every other call, and every model the fused path cannot
 reproduce (:func:`fallback_reason`), goes to TRL's forward unchanged.
 """
 
@@ -24,8 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
-from fastdpo import linear_token_logps
-from fastdpo.trl.statistics import head_statistics
+from fastdpo import fused_linear_logps
 
 IGNORE_INDEX = -100  # TRL's label for positions that are not scored
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,14 +168,14 @@ def fastdpo_fused_forward(
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
 
-    log_probs = linear_token_logps(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, shift=shift)
+    out = fused_linear_logps(
+        hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, shift=shift, statistics=bool(statistics)
+    )
+    log_probs = out.token_logps
     targets = labels[:, 1:] if shift else labels  # the next token of each scored position
     label_mask = targets != IGNORE_INDEX
-    per_token = {}
-    if statistics:
-        rows = (hidden[:, :-1] if shift else hidden).detach()[label_mask]
-        for name, values in head_statistics(rows, weight, bias, targets[label_mask], statistics).items():
-            per_token[name] = values.new_zeros(label_mask.shape).masked_scatter_(label_mask, values)
+    # TokenStatistics has TRL's field names; only the ones TRL reads are handed over.
+    per_token = {name: getattr(out.statistics, name) for name in statistics}
     count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedCausalLMOutput(
         loss=-log_probs.sum() / count, log_probs=log_probs, label_mask=label_mask, **per_token
