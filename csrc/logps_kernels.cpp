@@ -2,6 +2,8 @@
 //
 //   fastdpo::logps_forward(logits, labels, ignore_index, shift)
 //       -> (token_logps [N, T'], lse [N, T'], sequence_logps [N], logit_sums [N])
+//   fastdpo::logps_forward_statistics(logits, labels, ignore_index, shift)
+//       -> (the same four, entropy, log_sum_sq_probs, is_top1, mean_logits [N, T'] float32/bool)
 //   fastdpo::logps_backward(logits, labels, lse, grad_rows, ignore_index, shift) -> grad [N, T, V]
 //   fastdpo::logps_backward_(logits!, labels, lse, grad_rows, ignore_index, shift)   (in place)
 //
@@ -9,8 +11,8 @@
 //
 // Semantics are the contract in fastdpo/backends/__init__.py. Each counted row is read once in
 // the forward (blocks of kBlock elements: block max, then one exp per element against a running
-// max, so the row is never read twice from memory) and read once + written once in the
-// backward. Math is float32 (float64 for float64 input, used by gradcheck). Rows run in
+// max, so the row is never read twice from memory; the statistics ride along in the same
+// pass) and read once + written once in the backward. Math is float32 (float64 for float64 input, used by gradcheck). Rows run in
 // parallel; per-sequence sums are reduced afterwards in row order, so results do not depend on
 // the number of threads.
 
@@ -35,10 +37,12 @@
 namespace {
 
 using fastdpo::exp_offset;
-using fastdpo::load_block;
+using fastdpo::load_vec;
+using fastdpo::reduce_lanes;
+using fastdpo::store_two;
 using fastdpo::vexp;
 
-constexpr int64_t kBlock = 2048;  // elements per block: 8 KB of float32, stays in L1
+constexpr int64_t kBlock = 2048;  // elements per block: 8 KB of float32, stays in L1 between its two passes
 constexpr int64_t kGrain = 16;    // rows per parallel task: one row is already thousands of elements
 
 // Outputs, saved statistics and upstream gradients are float32 (float64 for float64 logits).
@@ -80,55 +84,191 @@ void check_labels(const at::Tensor& labels, const Geometry& g, int64_t ignore_in
   }
 }
 
-template <typename scalar_t>
-void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const Geometry& g,
-                  at::Tensor& token_logps, at::Tensor& lse, at::Tensor& row_logit_sums) {
-  using acc_t = at::opmath_type<scalar_t>;
+// What the forward computes of one counted row (float32 math; float64 for float64 input).
+template <typename acc_t>
+struct RowForward {
+  acc_t lse, logit_sum;
+  acc_t entropy, log_sum_sq_probs;  // with statistics only
+  int64_t top1;                     // with statistics only: index of the row's first maximum
+};
+
+// One counted row, read once from memory: block by block (kBlock elements, which then sit in
+// L1), pass 1 takes the block's max and sum from memory, pass 2 exponentiates against the
+// running max from L1. Each pass keeps four independent vector accumulators, so it runs at the
+// throughput of the vector units rather than at the latency of one chain of adds.
+//
+// kStats (statistics=True) also keeps, against the same running max m and sum s,
+// w = sum e (x - m) and q = sum e^2 with e = exp(x - m), rescaled like s on a new max m'
+// (r = exp(m - m'): w' = r (w + (m - m') s), q' = r^2 q), and the index of the first maximum.
+// Then entropy = log s - w / s and log sum p^2 = log q - 2 log s. The plain forward's
+// arithmetic is the same instructions without these: its outputs are bitwise the same.
+template <bool kStats, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size(), U = 4 * W;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  const auto vmax = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+  const auto smax = [](acc_t a, acc_t b) { return std::max(a, b); };
+  const auto sadd = [](acc_t a, acc_t b) { return a + b; };
+  // e (x - m) of a masked entry is 0 * -inf: x - m is clamped to the lowest finite value first
+  // (e is exactly 0 for any x - m below about -104, so the clamp changes no other term).
+  const Vec vlowest(std::numeric_limits<acc_t>::lowest());
+  acc_t run_max = -kInf, run_sum = 0, logit_sum = 0, run_w = 0, run_q = 0;
+  int64_t top1 = 0;
+  for (int64_t off = 0; off < V; off += kBlock) {
+    const int64_t len = std::min(kBlock, V - off);
+    const scalar_t* x = row + off;
+    // Pass 1: block max and block sum.
+    Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf), s0(0), s1(0), s2(0), s3(0);
+    int64_t i = 0;
+    for (; i + U <= len; i += U) {
+      const Vec a = load_vec<scalar_t, acc_t>(x + i), b = load_vec<scalar_t, acc_t>(x + i + W);
+      const Vec c = load_vec<scalar_t, acc_t>(x + i + 2 * W), d = load_vec<scalar_t, acc_t>(x + i + 3 * W);
+      m0 = vmax(m0, a), m1 = vmax(m1, b), m2 = vmax(m2, c), m3 = vmax(m3, d);
+      s0 += a, s1 += b, s2 += c, s3 += d;
+    }
+    for (; i + W <= len; i += W) {
+      const Vec a = load_vec<scalar_t, acc_t>(x + i);
+      m0 = vmax(m0, a), s0 += a;
+    }
+    acc_t block_max = reduce_lanes(vmax(vmax(m0, m1), vmax(m2, m3)), smax);
+    acc_t block_sum = reduce_lanes((s0 + s1) + (s2 + s3), sadd);
+    for (int64_t j = i; j < len; ++j) {
+      const acc_t v = static_cast<acc_t>(x[j]);
+      block_max = std::max(block_max, v), block_sum += v;
+    }
+    logit_sum += block_sum;
+    if constexpr (kStats) {
+      // A strictly greater max moves the top-1 to its first occurrence in this block; an
+      // equal one keeps the earlier index (argmax's first maximum). Rare after the first blocks.
+      if (block_max > run_max) {
+        int64_t j = 0;
+        while (j < len && static_cast<acc_t>(x[j]) != block_max) ++j;
+        top1 = off + j;
+      }
+    }
+    // Pass 2: exp against the new running max, from L1.
+    const acc_t new_max = std::max(run_max, block_max);
+    const acc_t offset = exp_offset(new_max);  // 0 while every logit so far is -inf
+    const Vec voffset(offset);
+    Vec e0(0), e1(0), e2(0), e3(0), w0(0), w1(0), w2(0), w3(0), q0(0), q1(0), q2(0), q3(0);
+    const auto fold = [&](const Vec& v, Vec& es, Vec& ws, Vec& qs) {
+      const Vec d = v - voffset;
+      const Vec e = vexp(d);
+      es += e;
+      if constexpr (kStats) {
+        ws = at::vec::fmadd(e, vmax(d, vlowest), ws);
+        qs = at::vec::fmadd(e, e, qs);
+      }
+    };
+    for (i = 0; i + U <= len; i += U) {
+      fold(load_vec<scalar_t, acc_t>(x + i), e0, w0, q0);
+      fold(load_vec<scalar_t, acc_t>(x + i + W), e1, w1, q1);
+      fold(load_vec<scalar_t, acc_t>(x + i + 2 * W), e2, w2, q2);
+      fold(load_vec<scalar_t, acc_t>(x + i + 3 * W), e3, w3, q3);
+    }
+    for (; i + W <= len; i += W) fold(load_vec<scalar_t, acc_t>(x + i), e0, w0, q0);
+    acc_t block_exp = reduce_lanes((e0 + e1) + (e2 + e3), sadd);
+    acc_t block_w = 0, block_q = 0;
+    if constexpr (kStats) {
+      block_w = reduce_lanes((w0 + w1) + (w2 + w3), sadd);
+      block_q = reduce_lanes((q0 + q1) + (q2 + q3), sadd);
+    }
+    for (int64_t j = i; j < len; ++j) {
+      const acc_t d = static_cast<acc_t>(x[j]) - offset;
+      const acc_t e = std::exp(d);
+      block_exp += e;
+      if constexpr (kStats) {
+        block_w += e > 0 ? e * d : acc_t(0);
+        block_q += e * e;
+      }
+    }
+    const acc_t rescale = std::exp(run_max - offset);  // 0 while the row was all -inf
+    if constexpr (kStats) {
+      run_w = run_sum > 0 ? rescale * (run_w + (run_max - offset) * run_sum) + block_w : block_w;
+      run_q = rescale * rescale * run_q + block_q;
+    }
+    run_sum = run_sum * rescale + block_exp;
+    run_max = new_max;
+  }
+  RowForward<acc_t> out{run_max + std::log(run_sum), logit_sum, 0, 0, top1};
+  if constexpr (kStats) {
+    const acc_t log_s = std::log(run_sum);
+    out.entropy = log_s - run_w / run_sum;
+    out.log_sum_sq_probs = std::log(run_q) - 2 * log_s;
+  }
+  return out;
+}
+
+// Where forward_rows writes: per counted position [N, T'] (zeros at ignored ones).
+template <typename acc_t>
+struct ForwardOutputs {
+  acc_t* token_logps;
+  acc_t* lse;
+  acc_t* row_logit_sums;
+  // statistics=True only (else null): always float32 / bool, as the contract says
+  float* entropy = nullptr;
+  float* log_sum_sq_probs = nullptr;
+  bool* is_top1 = nullptr;
+  float* mean_logits = nullptr;
+};
+
+template <bool kStats, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const Geometry& g,
+                  const ForwardOutputs<acc_t>& o) {
   const scalar_t* base = logits.data_ptr<scalar_t>();
   const int64_t* lab = labels.data_ptr<int64_t>();
-  acc_t* tok = token_logps.data_ptr<acc_t>();
-  acc_t* lse_out = lse.data_ptr<acc_t>();
-  acc_t* row_sum = row_logit_sums.data_ptr<acc_t>();
   at::parallel_for(0, g.N * g.Tout, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.Tout, t = r % g.Tout;
       const int64_t y = lab[n * g.T + t + g.shift];
       if (y == ignore_index) {  // skipped: the row is never read
-        tok[r] = 0;
-        lse_out[r] = 0;
-        row_sum[r] = 0;
+        o.token_logps[r] = o.lse[r] = o.row_logit_sums[r] = 0;
+        if constexpr (kStats) {
+          o.entropy[r] = o.log_sum_sq_probs[r] = o.mean_logits[r] = 0;
+          o.is_top1[r] = false;
+        }
         continue;
       }
       const scalar_t* row = base + n * g.s0 + t * g.s1;
-      acc_t run_max = -std::numeric_limits<acc_t>::infinity(), run_sum = 0, logit_sum = 0;
-      for (int64_t off = 0; off < g.V; off += kBlock) {
-        const int64_t len = std::min(kBlock, g.V - off);
-        const acc_t* x = load_block(row + off, buf, len);
-        const acc_t block_max = at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, len);
-        logit_sum += at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, x, len);
-        const acc_t new_max = std::max(run_max, block_max);
-        const acc_t offset = exp_offset(new_max);  // 0 while every logit so far is -inf
-        const Vec voffset(offset);
-        const acc_t block_sum = at::vec::map_reduce_all<acc_t>(
-            [&](Vec v) { return vexp(v - voffset); }, [](Vec a, Vec b) { return a + b; }, x, len);
-        run_sum = run_sum * std::exp(run_max - offset) + block_sum;
-        run_max = new_max;
+      const RowForward<acc_t> f = forward_row<kStats>(row, g.V);
+      o.token_logps[r] = static_cast<acc_t>(row[y]) - f.lse;
+      o.lse[r] = f.lse;
+      o.row_logit_sums[r] = f.logit_sum;
+      if constexpr (kStats) {
+        o.entropy[r] = static_cast<float>(f.entropy);
+        o.log_sum_sq_probs[r] = static_cast<float>(f.log_sum_sq_probs);
+        o.is_top1[r] = f.top1 == y;
+        o.mean_logits[r] = static_cast<float>(f.logit_sum / static_cast<acc_t>(g.V));
       }
-      const acc_t row_lse = run_max + std::log(run_sum);
-      tok[r] = static_cast<acc_t>(row[y]) - row_lse;
-      lse_out[r] = row_lse;
-      row_sum[r] = logit_sum;
     }
   });
+}
+
+// One counted row of the gradient, g * (onehot - softmax): read once, written once, two
+// vectors at a time (a 16-bit destination gets one packed store of both). The label's element
+// is read before the row is written (in place, dst == row) and written last, so the loop has
+// no per-element branch.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_t lse, acc_t gi) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vlse(lse), vneg_g(-gi);
+  // the label's softmax by the same vector exp as its neighbours
+  const acc_t p_label = reduce_lanes(vexp(Vec(static_cast<acc_t>(row[y]) - lse)), [](acc_t a, acc_t) { return a; });
+  int64_t i = 0;
+  for (; i + 2 * W <= V; i += 2 * W) {
+    const Vec a = load_vec<scalar_t, acc_t>(row + i), b = load_vec<scalar_t, acc_t>(row + i + W);
+    store_two(dst + i, vexp(a - vlse) * vneg_g, vexp(b - vlse) * vneg_g);
+  }
+  for (; i < V; ++i) dst[i] = static_cast<scalar_t>(std::exp(static_cast<acc_t>(row[i]) - lse) * -gi);
+  dst[y] = static_cast<scalar_t>(p_label * -gi + gi);
 }
 
 template <typename scalar_t>
 void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& grad_rows, int64_t ignore_index, const Geometry& g, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
   const scalar_t* in = logits.data_ptr<scalar_t>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   const int64_t o0 = grad.stride(0), o1 = grad.stride(1);
@@ -137,8 +277,6 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
   const acc_t* g_in = grad_rows.data_ptr<acc_t>();
   // Every logits row, including the last one under the shift, which scores nothing.
   at::parallel_for(0, g.N * g.T, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t xbuf[kBlock];
-    alignas(64) acc_t gbuf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.T, t = r % g.T;
       scalar_t* dst = out + n * o0 + t * o1;
@@ -147,19 +285,8 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
         std::fill(dst, dst + g.V, scalar_t(0));
         continue;
       }
-      const scalar_t* row = in + n * g.s0 + t * g.s1;
       const int64_t i = n * g.Tout + t;
-      const acc_t gi = g_in[i];
-      const Vec vlse(lse_in[i]), vneg_g(-gi);
-      for (int64_t off = 0; off < g.V; off += kBlock) {
-        const int64_t len = std::min(kBlock, g.V - off);
-        const acc_t* x = load_block(row + off, xbuf, len);
-        // g * (onehot - softmax); for float input written straight into the destination
-        acc_t* o = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst + off) : gbuf;
-        at::vec::map([&](Vec v) { return vexp(v - vlse) * vneg_g; }, o, x, len);
-        if (y >= off && y < off + len) o[y - off] += gi;
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gbuf, dst + off, len);
-      }
+      backward_row(in + n * g.s0 + t * g.s1, dst, g.V, y, lse_in[i], g_in[i]);
     }
   });
 }
@@ -174,12 +301,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logps_forward(const a
   at::Tensor lse = at::empty({g.N, g.Tout}, acc);
   at::Tensor row_logit_sums = at::empty({g.N, g.Tout}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logps_forward", [&] {
-    forward_rows<scalar_t>(logits, labels, ignore_index, g, token_logps, lse, row_logit_sums);
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardOutputs<acc_t> o{token_logps.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
+                                  row_logit_sums.data_ptr<acc_t>()};
+    forward_rows<false, scalar_t>(logits, labels, ignore_index, g, o);
   });
   // Per-sequence sums in row order, in float64: deterministic and exact enough for any length.
   at::Tensor sequence_logps = token_logps.sum(1, false, at::kDouble).to(acc.dtype());
   at::Tensor logit_sums = row_logit_sums.sum(1, false, at::kDouble).to(acc.dtype());
   return {token_logps, lse, sequence_logps, logit_sums};
+}
+
+// The forward plus the token statistics (contract: fastdpo/backends/__init__.py), same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+logps_forward_statistics(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, bool shift) {
+  const Geometry g = geometry(logits, labels, shift);
+  check_labels(labels, g, ignore_index);
+  auto acc = logits.options().dtype(math_dtype(logits));
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor token_logps = at::empty({g.N, g.Tout}, acc);
+  at::Tensor lse = at::empty({g.N, g.Tout}, acc);
+  at::Tensor row_logit_sums = at::empty({g.N, g.Tout}, acc);
+  at::Tensor entropy = at::empty({g.N, g.Tout}, f32);
+  at::Tensor log_sum_sq_probs = at::empty({g.N, g.Tout}, f32);
+  at::Tensor is_top1 = at::empty({g.N, g.Tout}, logits.options().dtype(at::kBool));
+  at::Tensor mean_logits = at::empty({g.N, g.Tout}, f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logps_forward_statistics", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardOutputs<acc_t> o{token_logps.data_ptr<acc_t>(),  lse.data_ptr<acc_t>(),
+                                  row_logit_sums.data_ptr<acc_t>(), entropy.data_ptr<float>(),
+                                  log_sum_sq_probs.data_ptr<float>(), is_top1.data_ptr<bool>(),
+                                  mean_logits.data_ptr<float>()};
+    forward_rows<true, scalar_t>(logits, labels, ignore_index, g, o);
+  });
+  at::Tensor sequence_logps = token_logps.sum(1, false, at::kDouble).to(acc.dtype());
+  at::Tensor logit_sums = row_logit_sums.sum(1, false, at::kDouble).to(acc.dtype());
+  return {token_logps, lse, sequence_logps, logit_sums, entropy, log_sum_sq_probs, is_top1, mean_logits};
 }
 
 // The gradient is a fresh [N, T, V] buffer, written once. Faulting it in 4 KB pages costs
@@ -235,6 +392,7 @@ void logps_backward_inplace(at::Tensor& logits, const at::Tensor& labels, const 
 
 TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
   m.impl("logps_forward", &logps_forward);
+  m.impl("logps_forward_statistics", &logps_forward_statistics);
   m.impl("logps_backward", &logps_backward);
   m.impl("logps_backward_", &logps_backward_inplace);
 }

@@ -18,15 +18,40 @@ inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& x) {
   return x.map([](double v) { return std::exp(v); });
 }
 
-// A block of a row in the math type: the row itself when the types agree, else converted into buf.
+// One vector of the math type from src (Vectorized<acc_t>::size() elements): a plain load when
+// the types agree, else widened in registers (bfloat16 -> float32 is a zero-extend and a shift),
+// so a 16-bit row never goes through a float32 copy in memory.
 template <typename scalar_t, typename acc_t>
-inline const acc_t* load_block(const scalar_t* src, acc_t* buf, int64_t n) {
+inline at::vec::Vectorized<acc_t> load_vec(const scalar_t* src) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
+    return at::vec::Vectorized<acc_t>::loadu(src);
   } else {
-    at::vec::convert(src, buf, n);
-    return buf;
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float(src, out);
+    return out;
   }
+}
+
+// Two vectors of the math type into dst (2 * Vectorized<acc_t>::size() elements), narrowed to
+// scalar_t in registers (bfloat16 and float16: one packed store of both).
+template <typename scalar_t, typename acc_t>
+inline void store_two(scalar_t* dst, const at::vec::Vectorized<acc_t>& a, const at::vec::Vectorized<acc_t>& b) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    a.store(dst);
+    b.store(dst + at::vec::Vectorized<acc_t>::size());
+  } else {
+    at::vec::convert_from_float<scalar_t>(a, b).store(dst);
+  }
+}
+
+// Horizontal reduction of one vector, lane by lane in a fixed order (deterministic).
+template <typename acc_t, typename Op>
+inline acc_t reduce_lanes(const at::vec::Vectorized<acc_t>& v, Op op) {
+  alignas(64) acc_t lanes[at::vec::Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t r = lanes[0];
+  for (int i = 1; i < at::vec::Vectorized<acc_t>::size(); ++i) r = op(r, lanes[i]);
+  return r;
 }
 
 // What the online log-sum-exp subtracts before exponentiating: the running max, or 0 while the

@@ -1,5 +1,7 @@
 """Specifics of the native C++ backend: op registration, gradcheck, determinism, bounds, in place."""
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -147,3 +149,65 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sequence_logps(logits, labels)  # warned once, not every call
+
+
+_STATISTICS_DETERMINISM = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import fastdpo.backends.native
+ops = torch.ops.fastdpo
+g = torch.Generator().manual_seed(3)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    logits = (torch.randn(4, 67, 4099, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 4099, (4, 67), generator=g)
+    labels[torch.rand(4, 67, generator=g) < 0.3] = -100
+    digest = hashlib.sha256()
+    for t in ops.logps_forward_statistics(logits, labels, -100, True):
+        digest.update(t.numpy().tobytes())
+    print(dtype, digest.hexdigest())
+"""
+
+
+def test_statistics_bitwise_equal_for_one_and_two_threads():
+    """Fresh processes (the thread pool is set before any work): all eight outputs of the
+    statistics op hash the same with 1 and 2 threads, in every input dtype."""
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", _STATISTICS_DETERMINISM, str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for threads in (1, 2)
+    ]
+    assert digests[0].count("torch.") == 3 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_is_top1_is_the_first_maximum_across_lanes_and_blocks(dtype):
+    """Rows of many tied values (bfloat16 rounds logits onto few values) with the maximum planted
+    at several places, in different vector lanes and vocabulary blocks (V = 5000 is two full
+    2048-element blocks and a tail): the label is the top-1 only at the first of them."""
+    gen = torch.Generator().manual_seed(11)
+    n, t, v = 2, 40, 5000
+    logits = (torch.randint(-20, 20, (n, t, v), generator=gen) / 4).to(dtype)
+    labels = torch.empty(n, t, dtype=torch.long)
+    for i in range(n):
+        for j in range(t):
+            places = torch.randperm(v, generator=gen)[: 2 + j % 3]
+            logits[i, j, places] = 10.0
+            # rows j - 1 score label j: the first maximum on even j, a later one on odd j
+            labels[i, (j + 1) % t] = places.min() if j % 2 == 0 else places.max()
+    first_max = logits[:, :-1].float().argmax(-1)
+    expected = labels[:, 1:] == first_max
+    assert 0 < expected.sum() < expected.numel()  # both outcomes occur
+    out = ops.logps_forward_statistics(logits, labels, -100, True)
+    assert torch.equal(out[6], expected)
+
+
+def test_statistics_op_checks():
+    logits, labels, ignore_index, shift = _op_args(dtype=torch.bfloat16)
+    torch.library.opcheck(ops.logps_forward_statistics, (logits, labels, ignore_index, shift))
+    with pytest.raises(ValueError, match="is outside"):
+        labels[0, 2] = 37
+        ops.logps_forward_statistics(logits, labels, ignore_index, shift)
