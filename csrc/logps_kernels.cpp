@@ -36,10 +36,15 @@
 
 namespace {
 
+using fastdpo::avx512_path;
+using fastdpo::clamp_exp_arg;
+using fastdpo::exp_nonpositive;
 using fastdpo::exp_offset;
 using fastdpo::load_vec;
 using fastdpo::reduce_lanes;
 using fastdpo::store_two;
+using fastdpo::store_two_avx512;
+using fastdpo::stream_fence;
 using fastdpo::vexp;
 
 constexpr int64_t kBlock = 2048;  // elements per block: 8 KB of float32, stays in L1 between its two passes
@@ -102,9 +107,11 @@ struct RowForward {
 // (r = exp(m - m'): w' = r (w + (m - m') s), q' = r^2 q), and the index of the first maximum.
 // Then entropy = log s - w / s and log sum p^2 = log q - 2 log s. The plain forward's
 // arithmetic is the same instructions without these: its outputs are bitwise the same.
-template <bool kStats, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// kAvx512: the exp of vec_math.h's AVX-512 path (float32 math only), else at::vec's.
+template <bool kStats, bool kAvx512, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr bool avx512 = kAvx512 && std::is_same_v<acc_t, float>;
   constexpr int64_t W = Vec::size(), U = 4 * W;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const auto vmax = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
@@ -153,12 +160,22 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
     const Vec voffset(offset);
     Vec e0(0), e1(0), e2(0), e3(0), w0(0), w1(0), w2(0), w3(0), q0(0), q1(0), q2(0), q3(0);
     const auto fold = [&](const Vec& v, Vec& es, Vec& ws, Vec& qs) {
-      const Vec d = v - voffset;
-      const Vec e = vexp(d);
-      es += e;
-      if constexpr (kStats) {
-        ws = at::vec::fmadd(e, vmax(d, vlowest), ws);
-        qs = at::vec::fmadd(e, e, qs);
+      if constexpr (avx512) {
+        const Vec d = clamp_exp_arg(v - voffset);  // masked entries: e = 0 and d finite
+        const Vec e = exp_nonpositive(d);
+        es += e;
+        if constexpr (kStats) {
+          ws = at::vec::fmadd(e, d, ws);
+          qs = at::vec::fmadd(e, e, qs);
+        }
+      } else {
+        const Vec d = v - voffset;
+        const Vec e = vexp(d);
+        es += e;
+        if constexpr (kStats) {
+          ws = at::vec::fmadd(e, vmax(d, vlowest), ws);
+          qs = at::vec::fmadd(e, e, qs);
+        }
       }
     };
     for (i = 0; i + U <= len; i += U) {
@@ -213,7 +230,7 @@ struct ForwardOutputs {
   float* mean_logits = nullptr;
 };
 
-template <bool kStats, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <bool kStats, bool kAvx512, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index, const Geometry& g,
                   const ForwardOutputs<acc_t>& o) {
   const scalar_t* base = logits.data_ptr<scalar_t>();
@@ -231,7 +248,7 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
         continue;
       }
       const scalar_t* row = base + n * g.s0 + t * g.s1;
-      const RowForward<acc_t> f = forward_row<kStats>(row, g.V);
+      const RowForward<acc_t> f = forward_row<kStats, kAvx512>(row, g.V);
       o.token_logps[r] = static_cast<acc_t>(row[y]) - f.lse;
       o.lse[r] = f.lse;
       o.row_logit_sums[r] = f.logit_sum;
@@ -248,24 +265,53 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
 // One counted row of the gradient, g * (onehot - softmax): read once, written once, two
 // vectors at a time (a 16-bit destination gets one packed store of both). The label's element
 // is read before the row is written (in place, dst == row) and written last, so the loop has
-// no per-element branch.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// no per-element branch. kAvx512: vec_math.h's exp and stores (kStream: non-temporal, for a
+// 64-byte aligned dst), else at::vec's.
+template <bool kAvx512, bool kStream, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_t lse, acc_t gi) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
+  constexpr bool avx512 = kAvx512 && std::is_same_v<acc_t, float>;
   const Vec vlse(lse), vneg_g(-gi);
+  const auto softmax = [&](const Vec& v) {
+    if constexpr (avx512) {
+      return exp_nonpositive(clamp_exp_arg(v - vlse));
+    } else {
+      return vexp(v - vlse);
+    }
+  };
   // the label's softmax by the same vector exp as its neighbours
-  const acc_t p_label = reduce_lanes(vexp(Vec(static_cast<acc_t>(row[y]) - lse)), [](acc_t a, acc_t) { return a; });
+  const acc_t p_label = reduce_lanes(softmax(Vec(static_cast<acc_t>(row[y]))), [](acc_t a, acc_t) { return a; });
   int64_t i = 0;
   for (; i + 2 * W <= V; i += 2 * W) {
-    const Vec a = load_vec<scalar_t, acc_t>(row + i), b = load_vec<scalar_t, acc_t>(row + i + W);
-    store_two(dst + i, vexp(a - vlse) * vneg_g, vexp(b - vlse) * vneg_g);
+    const Vec a = softmax(load_vec<scalar_t, acc_t>(row + i)) * vneg_g;
+    const Vec b = softmax(load_vec<scalar_t, acc_t>(row + i + W)) * vneg_g;
+    if constexpr (avx512) {
+      store_two_avx512<kStream>(dst + i, a, b);
+    } else {
+      store_two(dst + i, a, b);
+    }
   }
   for (; i < V; ++i) dst[i] = static_cast<scalar_t>(std::exp(static_cast<acc_t>(row[i]) - lse) * -gi);
   dst[y] = static_cast<scalar_t>(p_label * -gi + gi);
 }
 
-template <typename scalar_t>
+// A row of zeros (an ignored position's gradient), streamed like the counted rows if kStream.
+template <bool kStream, typename scalar_t>
+void zero_row(scalar_t* dst, int64_t V) {
+  int64_t i = 0;
+  if constexpr (kStream) {
+    const at::vec::Vectorized<float> zero(0.f);
+    for (; i + 2 * zero.size() <= V; i += 2 * zero.size()) store_two_avx512<true>(dst + i, zero, zero);
+  }
+  std::fill(dst + i, dst + V, scalar_t(0));
+}
+
+// Gradients this large are streamed to memory (on the AVX-512 path): they exceed any cache, and
+// non-temporal stores skip reading each destination line before writing it.
+constexpr int64_t kStreamBytes = int64_t(64) << 20;
+
+template <bool kAvx512, bool kStream, typename scalar_t>
 void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& grad_rows, int64_t ignore_index, const Geometry& g, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -282,13 +328,31 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
       scalar_t* dst = out + n * o0 + t * o1;
       const int64_t y = t < g.Tout ? lab[n * g.T + t + g.shift] : ignore_index;
       if (y == ignore_index) {  // zero gradient, the logits row is never read
-        std::fill(dst, dst + g.V, scalar_t(0));
+        zero_row<kStream>(dst, g.V);
         continue;
       }
       const int64_t i = n * g.Tout + t;
-      backward_row(in + n * g.s0 + t * g.s1, dst, g.V, y, lse_in[i], g_in[i]);
+      backward_row<kAvx512, kStream>(in + n * g.s0 + t * g.s1, dst, g.V, y, lse_in[i], g_in[i]);
     }
+    if constexpr (kStream) stream_fence();
   });
+}
+
+// Which backward: the AVX-512 path streams when the gradient is large and every row of it
+// starts on a 64-byte boundary.
+template <typename scalar_t>
+void dispatch_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                       const at::Tensor& grad_rows, int64_t ignore_index, const Geometry& g, at::Tensor& grad) {
+  const int64_t item = static_cast<int64_t>(sizeof(scalar_t));
+  const bool aligned = reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 && (grad.stride(0) * item) % 64 == 0 &&
+                       (grad.stride(1) * item) % 64 == 0 && (2 * at::vec::Vectorized<float>::size() * item) % 64 == 0;
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {  // (float64 is for gradcheck only)
+    if (avx512_path() && aligned && grad.nbytes() >= static_cast<size_t>(kStreamBytes)) {
+      return backward_rows<true, true, scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
+    }
+    if (avx512_path()) return backward_rows<true, false, scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
+  }
+  backward_rows<false, false, scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logps_forward(const at::Tensor& logits,
@@ -304,7 +368,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logps_forward(const a
     using acc_t = at::opmath_type<scalar_t>;
     const ForwardOutputs<acc_t> o{token_logps.data_ptr<acc_t>(), lse.data_ptr<acc_t>(),
                                   row_logit_sums.data_ptr<acc_t>()};
-    forward_rows<false, scalar_t>(logits, labels, ignore_index, g, o);
+    if (avx512_path()) {
+      forward_rows<false, true, scalar_t>(logits, labels, ignore_index, g, o);
+    } else {
+      forward_rows<false, false, scalar_t>(logits, labels, ignore_index, g, o);
+    }
   });
   // Per-sequence sums in row order, in float64: deterministic and exact enough for any length.
   at::Tensor sequence_logps = token_logps.sum(1, false, at::kDouble).to(acc.dtype());
@@ -332,7 +400,11 @@ logps_forward_statistics(const at::Tensor& logits, const at::Tensor& labels, int
                                   row_logit_sums.data_ptr<acc_t>(), entropy.data_ptr<float>(),
                                   log_sum_sq_probs.data_ptr<float>(), is_top1.data_ptr<bool>(),
                                   mean_logits.data_ptr<float>()};
-    forward_rows<true, scalar_t>(logits, labels, ignore_index, g, o);
+    if (avx512_path()) {
+      forward_rows<true, true, scalar_t>(logits, labels, ignore_index, g, o);
+    } else {
+      forward_rows<true, false, scalar_t>(logits, labels, ignore_index, g, o);
+    }
   });
   at::Tensor sequence_logps = token_logps.sum(1, false, at::kDouble).to(acc.dtype());
   at::Tensor logit_sums = row_logit_sums.sum(1, false, at::kDouble).to(acc.dtype());
@@ -372,7 +444,7 @@ at::Tensor logps_backward(const at::Tensor& logits, const at::Tensor& labels, co
   at::Tensor grad = at::empty({g.N, g.T, g.V}, logits.options());
   advise_huge_pages(grad.data_ptr(), grad.nbytes());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logps_backward", [&] {
-    backward_rows<scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
+    dispatch_backward<scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
   });
   return grad;
 }
@@ -384,7 +456,7 @@ void logps_backward_inplace(at::Tensor& logits, const at::Tensor& labels, const 
   check_labels(labels, g, ignore_index);
   // Each row is read block by block before the same block is written: safe in place.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logps_backward_", [&] {
-    backward_rows<scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, logits);
+    dispatch_backward<scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, logits);
   });
 }
 

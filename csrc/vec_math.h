@@ -4,11 +4,20 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#define FASTDPO_AVX512_PATH 1
+#endif
 
 namespace fastdpo {
 
@@ -60,6 +69,115 @@ inline acc_t reduce_lanes(const at::vec::Vectorized<acc_t>& v, Op op) {
 template <typename acc_t>
 inline acc_t exp_offset(acc_t running_max) {
   return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
+}
+
+// --- The AVX-512 path of the log-prob kernels (logps_kernels.cpp) ---------------------------
+//
+// In an AVX-512 build the kernels use, besides at::vec, an exp for non-positive arguments built
+// on vscalefps and a bfloat16 store that packs two float32 vectors with one permute, and stream
+// large gradients past the cache. Everywhere else (AVX2 and default builds) they use at::vec
+// alone: the generic path. FASTDPO_NATIVE_ISA=generic forces the generic path in an AVX-512
+// build too (read once, at the first kernel call), so tests check both on one machine.
+
+// Is the AVX-512 path compiled in and not switched off?
+inline bool avx512_path() {
+  static const bool chosen = [] {
+    const char* env = std::getenv("FASTDPO_NATIVE_ISA");
+    const char* isa = env == nullptr || *env == 0 ? "auto" : env;
+    const bool generic = std::strcmp(isa, "generic") == 0;
+    TORCH_CHECK_VALUE(generic || std::strcmp(isa, "auto") == 0 || std::strcmp(isa, "avx512") == 0,
+                      "FASTDPO_NATIVE_ISA must be auto, avx512 or generic, got '", isa, "'");
+#ifdef FASTDPO_AVX512_PATH
+    return !generic;
+#else
+    TORCH_CHECK_VALUE(std::strcmp(isa, "avx512") != 0,
+                      "FASTDPO_NATIVE_ISA=avx512, but fastdpo._C was built without AVX-512");
+    return false;
+#endif
+  }();
+  return chosen;
+}
+
+// Exp arguments below this give exactly 0 on the AVX-512 path; clamping to it (not to -inf)
+// keeps e * (x - m) of a masked entry 0 rather than 0 * -inf.
+constexpr float kExpFloor = -1000.f;
+
+#ifdef FASTDPO_AVX512_PATH
+// max(kExpFloor, d), NaN kept (vmaxps returns its second operand when either is NaN).
+inline at::vec::Vectorized<float> clamp_exp_arg(const at::vec::Vectorized<float>& d) {
+  return _mm512_max_ps(_mm512_set1_ps(kExpFloor), d);
+}
+
+// exp(d) for kExpFloor <= d <= 0 as 2^n * 2^f: n = round(d log2 e), f = d log2 e - n in one
+// rounding (fmsub), 2^f on [-1/2, 1/2] by a degree-6 polynomial (relative error 1e-7, float32
+// rounding included), 2^n by vscalefps, which gives exactly 0 below 2^-149: 11 instructions.
+inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& d) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(d, log2e, n);
+  __m512 p = _mm512_set1_ps(0.00015345806605182588f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0013399930903688073f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009618489071726799f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550328642129898f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Round a float32 vector to bfloat16 bit patterns (in the high half of each 32-bit lane):
+// round to nearest even; NaN stays a (quiet) NaN.
+inline __m512i round_to_bf16_bits(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(x, _mm512_set1_epi32(0x00400000)));
+}
+
+// Two float32 vectors to 32 bfloat16 at dst: one permute picks the high halves of both.
+template <bool kStream>
+inline void store_two_bf16(c10::BFloat16* dst, __m512 a, __m512 b) {
+  alignas(64) static constexpr uint16_t kHighHalves[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                                           23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                                           45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i idx = _mm512_load_si512(kHighHalves);
+  const __m512i packed = _mm512_permutex2var_epi16(round_to_bf16_bits(a), idx, round_to_bf16_bits(b));
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
+  } else {
+    _mm512_storeu_si512(dst, packed);
+  }
+}
+#else
+// Not compiled: the AVX-512 path is never chosen (avx512_path() is false); these keep its
+// instantiations compiling.
+inline at::vec::Vectorized<float> clamp_exp_arg(const at::vec::Vectorized<float>& d) { return d; }
+inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& d) { return vexp(d); }
+#endif
+
+// Two float32 vectors to dst in scalar_t on the AVX-512 path: bfloat16 by the permute above,
+// float32 as is, streamed (non-temporal, dst 64-byte aligned) if kStream; float16 as at::vec does.
+template <bool kStream, typename scalar_t>
+inline void store_two_avx512(scalar_t* dst, const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+#ifdef FASTDPO_AVX512_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    store_two_bf16<kStream>(dst, a, b);
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, float> && kStream) {
+    _mm512_stream_ps(dst, a);
+    _mm512_stream_ps(dst + 16, b);
+    return;
+  }
+#endif
+  store_two<scalar_t, float>(dst, a, b);
+}
+
+// Make streamed stores visible before the thread's task ends (they are weakly ordered).
+inline void stream_fence() {
+#ifdef FASTDPO_AVX512_PATH
+  _mm_sfence();
+#endif
 }
 
 }  // namespace fastdpo

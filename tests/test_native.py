@@ -1,12 +1,13 @@
 """Specifics of the native C++ backend: op registration, gradcheck, determinism, bounds, in place."""
 
+import os
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import GRAD_TOL, make_inputs
 
 from fastdpo import fused_logps, sequence_logps
 from fastdpo.backends import native
@@ -211,3 +212,61 @@ def test_statistics_op_checks():
     with pytest.raises(ValueError, match="is outside"):
         labels[0, 2] = 37
         ops.logps_forward_statistics(logits, labels, ignore_index, shift)
+
+
+_ISA_OUTPUTS = """
+import sys, torch
+import fastdpo.backends.native
+ops = torch.ops.fastdpo
+g = torch.Generator().manual_seed(5)
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    logits = (torch.randn(3, 21, 4141, generator=g) * 4).to(dtype)  # 2 blocks and a tail
+    logits[0, :, :2100] = -torch.inf  # a masked first block
+    logits[1, :, 3000:3100] = -torch.inf
+    labels = torch.randint(2100, 4141, (3, 21), generator=g)
+    labels[torch.rand(3, 21, generator=g) < 0.3] = -100
+    stats = ops.logps_forward_statistics(logits, labels, -100, True)
+    grad_rows = torch.randn(stats[1].shape, generator=g)
+    grad = ops.logps_backward(logits, labels, stats[1], grad_rows, -100, True)
+    out[str(dtype)] = (*stats, grad)
+torch.save(out, sys.argv[1])
+"""
+
+
+def _isa_outputs(isa, path):
+    env = dict(os.environ, FASTDPO_NATIVE_ISA=isa)
+    return subprocess.run(
+        [sys.executable, "-c", _ISA_OUTPUTS, str(path)], env=env, capture_output=True, text=True
+    )
+
+
+def test_generic_path_matches_the_avx512_path(tmp_path):
+    """FASTDPO_NATIVE_ISA=generic forces the at::vec-only kernels (what AVX2 and default builds
+    run) in an AVX-512 build: they give the same results, up to float32 rounding, as the
+    default path, which the parity tests check against float64."""
+    generic = _isa_outputs("generic", tmp_path / "generic.pt")
+    assert generic.returncode == 0, generic.stderr
+    auto = _isa_outputs("auto", tmp_path / "auto.pt")
+    assert auto.returncode == 0, auto.stderr
+    a, b = torch.load(tmp_path / "generic.pt"), torch.load(tmp_path / "auto.pt")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, y = a[str(dtype)], b[str(dtype)]
+        for i, name in enumerate(("token_logps", "lse", "entropy", "log_sum_sq_probs")):
+            torch.testing.assert_close(x[(0, 1, 4, 5)[i]], y[(0, 1, 4, 5)[i]], atol=2e-5, rtol=0, msg=name)
+        torch.testing.assert_close(x[2], y[2], atol=1e-4, rtol=0)  # sequence sums
+        for i in (3, 6, 7):  # logit sums, is_top1, mean logits: the same code on both paths
+            assert torch.equal(x[i], y[i]), i
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(x[8], y[8], rtol=rtol, atol=atol)
+    avx512 = _isa_outputs("avx512", tmp_path / "avx512.pt")
+    if avx512.returncode == 0:  # an AVX-512 build: the switch did change the kernels
+        assert not torch.equal(a["torch.float32"][8], b["torch.float32"][8])
+    else:
+        assert "built without AVX-512" in avx512.stderr
+
+
+def test_bad_isa_choice_is_one_line_error(tmp_path):
+    bad = _isa_outputs("sse9", tmp_path / "x.pt")
+    assert bad.returncode != 0
+    assert "FASTDPO_NATIVE_ISA must be auto, avx512 or generic, got 'sse9'" in bad.stderr
