@@ -37,10 +37,14 @@
 namespace {
 
 using fastdpo::avx512_path;
-using fastdpo::clamp_exp_arg;
-using fastdpo::exp_nonpositive;
+using fastdpo::Exp2;
+using fastdpo::exp2_arg;
+using fastdpo::exp2_arg_fused;
+using fastdpo::kLn2;
+using fastdpo::kLog2e;
 using fastdpo::exp_offset;
 using fastdpo::load_vec;
+using fastdpo::max_fast;
 using fastdpo::reduce_lanes;
 using fastdpo::store_two;
 using fastdpo::store_two_avx512;
@@ -108,18 +112,29 @@ struct RowForward {
 // Then entropy = log s - w / s and log sum p^2 = log q - 2 log s. The plain forward's
 // arithmetic is the same instructions without these: its outputs are bitwise the same.
 // kAvx512: the exp of vec_math.h's AVX-512 path (float32 math only), else at::vec's.
+//
+// Pass 1 waits on memory, pass 2 on the vector units: so that they overlap, pass 2 prefetches
+// what pass 1 reads next (the next block of the row, or the first block of next_row, the next
+// counted row, if any).
 template <bool kStats, bool kAvx512, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
+RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* next_row) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr bool avx512 = kAvx512 && std::is_same_v<acc_t, float>;
   constexpr int64_t W = Vec::size(), U = 4 * W;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  const auto vmax = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+  const auto vmax = [](const Vec& a, const Vec& b) {
+    if constexpr (avx512) {
+      return max_fast(a, b);
+    } else {
+      return at::vec::maximum(a, b);
+    }
+  };
   const auto smax = [](acc_t a, acc_t b) { return std::max(a, b); };
   const auto sadd = [](acc_t a, acc_t b) { return a + b; };
   // e (x - m) of a masked entry is 0 * -inf: x - m is clamped to the lowest finite value first
   // (e is exactly 0 for any x - m below about -104, so the clamp changes no other term).
   const Vec vlowest(std::numeric_limits<acc_t>::lowest());
+  const Exp2 exp2;
   acc_t run_max = -kInf, run_sum = 0, logit_sum = 0, run_w = 0, run_q = 0;
   int64_t top1 = 0;
   for (int64_t off = 0; off < V; off += kBlock) {
@@ -161,11 +176,12 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
     Vec e0(0), e1(0), e2(0), e3(0), w0(0), w1(0), w2(0), w3(0), q0(0), q1(0), q2(0), q3(0);
     const auto fold = [&](const Vec& v, Vec& es, Vec& ws, Vec& qs) {
       if constexpr (avx512) {
-        const Vec d = clamp_exp_arg(v - voffset);  // masked entries: e = 0 and d finite
-        const Vec e = exp_nonpositive(d);
+        // in base 2: t = (x - offset) log2 e, so ws is sum e t, w = ws ln 2 (masked: e = 0, t finite)
+        const Vec t = exp2_arg(v, voffset);
+        const Vec e = exp2(t);
         es += e;
         if constexpr (kStats) {
-          ws = at::vec::fmadd(e, d, ws);
+          ws = at::vec::fmadd(e, t, ws);
           qs = at::vec::fmadd(e, e, qs);
         }
       } else {
@@ -178,7 +194,13 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
         }
       }
     };
+    const bool last = off + len >= V;
+    const char* next = reinterpret_cast<const char*>(last ? next_row : x + len);
+    const int64_t next_bytes = next == nullptr ? 0 : std::min(kBlock, last ? V : V - off - len) * int64_t(sizeof(scalar_t));
     for (i = 0; i + U <= len; i += U) {
+      for (int64_t b = i * int64_t(sizeof(scalar_t)); b < std::min((i + U) * int64_t(sizeof(scalar_t)), next_bytes); b += 64) {
+        __builtin_prefetch(next + b, 0, 3);
+      }
       fold(load_vec<scalar_t, acc_t>(x + i), e0, w0, q0);
       fold(load_vec<scalar_t, acc_t>(x + i + W), e1, w1, q1);
       fold(load_vec<scalar_t, acc_t>(x + i + 2 * W), e2, w2, q2);
@@ -189,6 +211,7 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V) {
     acc_t block_w = 0, block_q = 0;
     if constexpr (kStats) {
       block_w = reduce_lanes((w0 + w1) + (w2 + w3), sadd);
+      if constexpr (avx512) block_w *= kLn2;  // sum e t, t in base 2
       block_q = reduce_lanes((q0 + q1) + (q2 + q3), sadd);
     }
     for (int64_t j = i; j < len; ++j) {
@@ -248,7 +271,12 @@ void forward_rows(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
         continue;
       }
       const scalar_t* row = base + n * g.s0 + t * g.s1;
-      const RowForward<acc_t> f = forward_row<kStats, kAvx512>(row, g.V);
+      const scalar_t* next_row = nullptr;  // the next counted row of this task, to prefetch
+      for (int64_t k = r + 1; k < end && next_row == nullptr; ++k) {
+        const int64_t kn = k / g.Tout, kt = k % g.Tout;
+        if (lab[kn * g.T + kt + g.shift] != ignore_index) next_row = base + kn * g.s0 + kt * g.s1;
+      }
+      const RowForward<acc_t> f = forward_row<kStats, kAvx512>(row, g.V, next_row);
       o.token_logps[r] = static_cast<acc_t>(row[y]) - f.lse;
       o.lse[r] = f.lse;
       o.row_logit_sums[r] = f.logit_sum;
@@ -272,20 +300,29 @@ void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr bool avx512 = kAvx512 && std::is_same_v<acc_t, float>;
-  const Vec vlse(lse), vneg_g(-gi);
-  const auto softmax = [&](const Vec& v) {
+  const Vec vlse(lse), vneg_g(-gi), vlse_log2e(lse * static_cast<acc_t>(kLog2e));
+  const Exp2 exp2, exp2_neg_g(static_cast<float>(-gi));  // the second's polynomial carries -g
+  // -g * softmax
+  const auto neg_g_softmax = [&](const Vec& v) {
     if constexpr (avx512) {
-      return exp_nonpositive(clamp_exp_arg(v - vlse));
+      return exp2_neg_g(exp2_arg_fused(v, vlse_log2e));
     } else {
-      return vexp(v - vlse);
+      return vexp(v - vlse) * vneg_g;
     }
   };
-  // the label's softmax by the same vector exp as its neighbours
-  const acc_t p_label = reduce_lanes(softmax(Vec(static_cast<acc_t>(row[y]))), [](acc_t a, acc_t) { return a; });
+  // the label's softmax, by the same vector exp as its neighbours
+  const Vec label(static_cast<acc_t>(row[y]));
+  Vec label_softmax;
+  if constexpr (avx512) {
+    label_softmax = exp2(exp2_arg_fused(label, vlse_log2e));
+  } else {
+    label_softmax = vexp(label - vlse);
+  }
+  const acc_t p_label = reduce_lanes(label_softmax, [](acc_t a, acc_t) { return a; });
   int64_t i = 0;
   for (; i + 2 * W <= V; i += 2 * W) {
-    const Vec a = softmax(load_vec<scalar_t, acc_t>(row + i)) * vneg_g;
-    const Vec b = softmax(load_vec<scalar_t, acc_t>(row + i + W)) * vneg_g;
+    const Vec a = neg_g_softmax(load_vec<scalar_t, acc_t>(row + i));
+    const Vec b = neg_g_softmax(load_vec<scalar_t, acc_t>(row + i + W));
     if constexpr (avx512) {
       store_two_avx512<kStream>(dst + i, a, b);
     } else {

@@ -98,31 +98,58 @@ inline bool avx512_path() {
   return chosen;
 }
 
-// Exp arguments below this give exactly 0 on the AVX-512 path; clamping to it (not to -inf)
-// keeps e * (x - m) of a masked entry 0 rather than 0 * -inf.
-constexpr float kExpFloor = -1000.f;
+// Exponents (base 2) below this give exactly 0 on the AVX-512 path; clamping to it (not to
+// -inf) keeps e * (x - m) of a masked entry 0 rather than 0 * -inf.
+constexpr float kExp2Floor = -1500.f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 
 #ifdef FASTDPO_AVX512_PATH
-// max(kExpFloor, d), NaN kept (vmaxps returns its second operand when either is NaN).
-inline at::vec::Vectorized<float> clamp_exp_arg(const at::vec::Vectorized<float>& d) {
-  return _mm512_max_ps(_mm512_set1_ps(kExpFloor), d);
+// The exponent of exp(x - shift) in base 2, clamped below to kExp2Floor; NaN kept (vmaxps
+// returns its second operand when either is NaN). exp2_arg rounds x - shift first, so that
+// x == shift gives t = 0 and e = 1 exactly (a one-hot row's entropy is then exactly 0);
+// exp2_arg_fused takes shift_log2e = shift * log2 e, rounded once (a relative error of about
+// 1e-7 shared by the row's terms), and saves an instruction: for the backward.
+inline at::vec::Vectorized<float> exp2_arg(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& shift) {
+  return _mm512_max_ps(_mm512_set1_ps(kExp2Floor), _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(kLog2e)));
+}
+inline at::vec::Vectorized<float> exp2_arg_fused(const at::vec::Vectorized<float>& x,
+                                                 const at::vec::Vectorized<float>& shift_log2e) {
+  return _mm512_max_ps(_mm512_set1_ps(kExp2Floor), _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2e), shift_log2e));
 }
 
-// exp(d) for kExpFloor <= d <= 0 as 2^n * 2^f: n = round(d log2 e), f = d log2 e - n in one
-// rounding (fmsub), 2^f on [-1/2, 1/2] by a degree-6 polynomial (relative error 1e-7, float32
-// rounding included), 2^n by vscalefps, which gives exactly 0 below 2^-149: 11 instructions.
-inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& d) {
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_fmsub_ps(d, log2e, n);
-  __m512 p = _mm512_set1_ps(0.00015345806605182588f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0013399930903688073f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009618489071726799f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550328642129898f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022646248340607f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471824645996f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+// scale * 2^t for t >= kExp2Floor: 2^t = 2^n * 2^f with n = round(t), f = t - n in [-1/2, 1/2],
+// 2^f by a degree-6 polynomial (relative error 1e-7 with float32 rounding) whose coefficients
+// carry the scale, 2^n by vscalefps, which gives exactly 0 below 2^-149. 10 instructions.
+struct Exp2 {
+  __m512 c[7];
+  explicit Exp2(float scale = 1.f) {
+    static constexpr float kCoef[7] = {1.0f,
+                                       0.6931471824645996f,
+                                       0.24022646248340607f,
+                                       0.05550328642129898f,
+                                       0.009618489071726799f,
+                                       0.0013399930903688073f,
+                                       0.00015345806605182588f};
+    for (int k = 0; k < 7; ++k) c[k] = _mm512_set1_ps(kCoef[k] * scale);
+  }
+  at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& t) const {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_fmadd_ps(c[6], f, c[5]);
+    p = _mm512_fmadd_ps(p, f, c[4]);
+    p = _mm512_fmadd_ps(p, f, c[3]);
+    p = _mm512_fmadd_ps(p, f, c[2]);
+    p = _mm512_fmadd_ps(p, f, c[1]);
+    p = _mm512_fmadd_ps(p, f, c[0]);
+    return _mm512_scalef_ps(p, n);
+  }
+};
+
+// max(a, b) in one instruction (at::vec::maximum adds two for NaN, which the kernels' sums
+// carry anyway).
+inline at::vec::Vectorized<float> max_fast(const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+  return _mm512_max_ps(a, b);
 }
 
 // Round a float32 vector to bfloat16 bit patterns (in the high half of each 32-bit lane):
@@ -150,10 +177,21 @@ inline void store_two_bf16(c10::BFloat16* dst, __m512 a, __m512 b) {
   }
 }
 #else
-// Not compiled: the AVX-512 path is never chosen (avx512_path() is false); these keep its
-// instantiations compiling.
-inline at::vec::Vectorized<float> clamp_exp_arg(const at::vec::Vectorized<float>& d) { return d; }
-inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& d) { return vexp(d); }
+// Not compiled: the AVX-512 path is never chosen (avx512_path() is false); these only keep
+// its instantiations compiling.
+inline at::vec::Vectorized<float> exp2_arg(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& s) {
+  return x - s;
+}
+inline at::vec::Vectorized<float> exp2_arg_fused(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& s) {
+  return x - s;
+}
+struct Exp2 {
+  explicit Exp2(float = 1.f) {}
+  at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& t) const { return vexp(t); }
+};
+inline at::vec::Vectorized<float> max_fast(const at::vec::Vectorized<float>& a, const at::vec::Vectorized<float>& b) {
+  return at::vec::maximum(a, b);
+}
 #endif
 
 // Two float32 vectors to dst in scalar_t on the AVX-512 path: bfloat16 by the permute above,
