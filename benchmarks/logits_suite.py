@@ -9,7 +9,12 @@ ignored); every method returns the summed shifted log-probs of each sequence, an
 - ``naive``: ``fastdpo.naive.naive_sequence_logps`` (float32 ``log_softmax`` of all the
   logits, gather, mask, sum), the baseline; ``naive-compiled`` its ``torch.compile``;
 - ``trl-selective-log-softmax``: TRL's ``selective_log_softmax`` as TRL's trainer calls it;
-- ``read-floor-amax``: one read pass over the logits, the memory-bandwidth floor of a forward.
+- memory floors, timed forward only: ``read-floor-amax`` one read pass over all the logits;
+  ``read-floor-counted`` one read (a sum) of as many rows as are counted, which is what a
+  forward must read; ``read-write-floor-counted`` the least a backward moves: a read of as many
+  rows as are counted, copied into a preallocated gradient-sized buffer, and the rest of that
+  buffer zeroed (every row of the gradient is written once). A forward + backward's floor is
+  the sum of the last two.
 """
 
 from __future__ import annotations
@@ -81,12 +86,52 @@ def _read_floor(x: Inputs) -> Output:
     return _summed(x["logits"].amax(-1).sum(-1))
 
 
+def _counted_rows(x: Inputs) -> tuple[torch.Tensor, int]:
+    """The logits as ``[rows, V]`` and how many of the rows the shifted labels count."""
+    logits = x["logits"]
+    return logits.view(-1, logits.shape[-1]), int((x["labels"][:, 1:] != -100).sum())
+
+
+def _read_floor_counted(x: Inputs) -> Output:
+    rows, counted = _counted_rows(x)
+    total = rows[:counted].sum()
+    return Output(total, total.expand(x["logits"].shape[0]))
+
+
+_gradient_buffers: dict = {}  # one gradient-sized buffer per logits shape, as a backward writes
+
+
+def _read_write_floor_counted(x: Inputs) -> Output:
+    rows, counted = _counted_rows(x)
+    key = (rows.shape, rows.dtype)
+    if key not in _gradient_buffers:
+        _gradient_buffers.clear()  # only the current shape's: full-size buffers are GBs
+        _gradient_buffers[key] = torch.empty_like(rows)
+    out = _gradient_buffers[key]
+    out[:counted].copy_(rows[:counted])
+    out[counted:].zero_()
+    total = out[:1, :1].sum()
+    return Output(total, total.expand(x["logits"].shape[0]))
+
+
 def _methods() -> dict:
     backends = fastdpo.available_backends("cpu")
     methods = {f"fastdpo-{backend}": _fastdpo(backend) for backend in backends}
     if "native" in backends:
         methods["fastdpo-native-inplace"] = _native_inplace
-    return {**methods, "naive": _naive, "naive-compiled": _naive_compiled, "read-floor-amax": _read_floor}
+    return {
+        **methods,
+        "naive": _naive,
+        "naive-compiled": _naive_compiled,
+        **FLOORS,
+    }
+
+
+FLOORS = {
+    "read-floor-amax": _read_floor,
+    "read-floor-counted": _read_floor_counted,
+    "read-write-floor-counted": _read_write_floor_counted,
+}
 
 
 SUITE = Suite(
@@ -122,5 +167,5 @@ SUITE = Suite(
         ),
     },
     modes=("forward", "forward_backward"),
-    forward_only=frozenset({"read-floor-amax"}),
+    forward_only=frozenset(FLOORS),
 )
