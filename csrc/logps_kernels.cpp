@@ -333,6 +333,38 @@ void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_
   dst[y] = static_cast<scalar_t>(p_label * -gi + gi);
 }
 
+#ifdef FASTDPO_AVX512_PATH
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+// backward_row for bfloat16 on a CPU with AVX512-BF16 (Isa::kAvx512Bf16): the same math, each
+// pair of float32 vectors packed by one vcvtne2ps2bf16 (round to nearest even, NaN kept; a
+// result below bfloat16's normal range, |g p| < 1.2e-38, becomes 0 instead of a subnormal).
+// Compiled for that extension alone, so it only runs where the CPU has it.
+template <bool kStream>
+void backward_row_bf16(const c10::BFloat16* row, c10::BFloat16* dst, int64_t V, int64_t y, float lse, float gi) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const Vec vlse_log2e(lse * kLog2e);
+  const Exp2 exp2, exp2_neg_g(-gi);
+  const Vec label(static_cast<float>(row[y]));
+  const float p_label = reduce_lanes(exp2(exp2_arg_fused(label, vlse_log2e)), [](float a, float) { return a; });
+  int64_t i = 0;
+  for (; i + 2 * W <= V; i += 2 * W) {
+    const __m512 a = exp2_neg_g(exp2_arg_fused(load_vec<c10::BFloat16, float>(row + i), vlse_log2e));
+    const __m512 b = exp2_neg_g(exp2_arg_fused(load_vec<c10::BFloat16, float>(row + i + W), vlse_log2e));
+    const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a is the low half
+    if constexpr (kStream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), packed);
+    } else {
+      _mm512_storeu_si512(dst + i, packed);
+    }
+  }
+  for (; i < V; ++i) dst[i] = static_cast<c10::BFloat16>(std::exp(static_cast<float>(row[i]) - lse) * -gi);
+  dst[y] = static_cast<c10::BFloat16>(p_label * -gi + gi);
+}
+#pragma GCC pop_options
+#endif
+
 // A row of zeros (an ignored position's gradient), streamed like the counted rows if kStream.
 template <bool kStream, typename scalar_t>
 void zero_row(scalar_t* dst, int64_t V) {
@@ -348,7 +380,8 @@ void zero_row(scalar_t* dst, int64_t V) {
 // non-temporal stores skip reading each destination line before writing it.
 constexpr int64_t kStreamBytes = int64_t(64) << 20;
 
-template <bool kAvx512, bool kStream, typename scalar_t>
+// kBf16Ne: bfloat16 rows by backward_row_bf16 (AVX512-BF16).
+template <bool kAvx512, bool kStream, typename scalar_t, bool kBf16Ne = false>
 void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                    const at::Tensor& grad_rows, int64_t ignore_index, const Geometry& g, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -369,22 +402,36 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
         continue;
       }
       const int64_t i = n * g.Tout + t;
-      backward_row<kAvx512, kStream>(in + n * g.s0 + t * g.s1, dst, g.V, y, lse_in[i], g_in[i]);
+      const scalar_t* row = in + n * g.s0 + t * g.s1;
+#ifdef FASTDPO_AVX512_PATH
+      if constexpr (kBf16Ne && std::is_same_v<scalar_t, c10::BFloat16>) {
+        backward_row_bf16<kStream>(row, dst, g.V, y, lse_in[i], g_in[i]);
+        continue;
+      }
+#endif
+      backward_row<kAvx512, kStream>(row, dst, g.V, y, lse_in[i], g_in[i]);
     }
     if constexpr (kStream) stream_fence();
   });
 }
 
 // Which backward: the AVX-512 path streams when the gradient is large and every row of it
-// starts on a 64-byte boundary.
+// starts on a 64-byte boundary; bfloat16 uses AVX512-BF16 where the CPU has it.
 template <typename scalar_t>
 void dispatch_backward(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                        const at::Tensor& grad_rows, int64_t ignore_index, const Geometry& g, at::Tensor& grad) {
   const int64_t item = static_cast<int64_t>(sizeof(scalar_t));
   const bool aligned = reinterpret_cast<uintptr_t>(grad.data_ptr()) % 64 == 0 && (grad.stride(0) * item) % 64 == 0 &&
                        (grad.stride(1) * item) % 64 == 0 && (2 * at::vec::Vectorized<float>::size() * item) % 64 == 0;
+  const bool stream = aligned && grad.nbytes() >= static_cast<size_t>(kStreamBytes);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (fastdpo::isa() == fastdpo::Isa::kAvx512Bf16) {
+      if (stream) return backward_rows<true, true, scalar_t, true>(logits, labels, lse, grad_rows, ignore_index, g, grad);
+      return backward_rows<true, false, scalar_t, true>(logits, labels, lse, grad_rows, ignore_index, g, grad);
+    }
+  }
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {  // (float64 is for gradcheck only)
-    if (avx512_path() && aligned && grad.nbytes() >= static_cast<size_t>(kStreamBytes)) {
+    if (avx512_path() && stream) {
       return backward_rows<true, true, scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);
     }
     if (avx512_path()) return backward_rows<true, false, scalar_t>(logits, labels, lse, grad_rows, ignore_index, g, grad);

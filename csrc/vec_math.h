@@ -79,24 +79,35 @@ inline acc_t exp_offset(acc_t running_max) {
 // alone: the generic path. FASTDPO_NATIVE_ISA=generic forces the generic path in an AVX-512
 // build too (read once, at the first kernel call), so tests check both on one machine.
 
-// Is the AVX-512 path compiled in and not switched off?
-inline bool avx512_path() {
-  static const bool chosen = [] {
+// Which kernels run, chosen once, at the first kernel call:
+//   kGeneric     at::vec alone (what AVX2 and default builds run);
+//   kAvx512      the AVX-512 path;
+//   kAvx512Bf16  the AVX-512 path, bfloat16 gradients packed by vcvtne2ps2bf16 (AVX512-BF16).
+// FASTDPO_NATIVE_ISA = auto (default: the best this build and CPU allow), avx512, avx512bf16 or
+// generic picks one; asking for one the build or the CPU lacks is an error.
+enum class Isa { kGeneric, kAvx512, kAvx512Bf16 };
+
+inline Isa isa() {
+  static const Isa chosen = [] {
     const char* env = std::getenv("FASTDPO_NATIVE_ISA");
-    const char* isa = env == nullptr || *env == 0 ? "auto" : env;
-    const bool generic = std::strcmp(isa, "generic") == 0;
-    TORCH_CHECK_VALUE(generic || std::strcmp(isa, "auto") == 0 || std::strcmp(isa, "avx512") == 0,
-                      "FASTDPO_NATIVE_ISA must be auto, avx512 or generic, got '", isa, "'");
+    const char* name = env == nullptr || *env == 0 ? "auto" : env;
+    const auto is = [&](const char* s) { return std::strcmp(name, s) == 0; };
+    TORCH_CHECK_VALUE(is("auto") || is("avx512") || is("avx512bf16") || is("generic"),
+                      "FASTDPO_NATIVE_ISA must be auto, avx512, avx512bf16 or generic, got '", name, "'");
+    if (is("generic")) return Isa::kGeneric;
 #ifdef FASTDPO_AVX512_PATH
-    return !generic;
+    const bool bf16 = __builtin_cpu_supports("avx512bf16");
+    TORCH_CHECK_VALUE(bf16 || !is("avx512bf16"), "FASTDPO_NATIVE_ISA=avx512bf16, but this CPU lacks AVX512-BF16");
+    return is("avx512") || !bf16 ? Isa::kAvx512 : Isa::kAvx512Bf16;
 #else
-    TORCH_CHECK_VALUE(std::strcmp(isa, "avx512") != 0,
-                      "FASTDPO_NATIVE_ISA=avx512, but fastdpo._C was built without AVX-512");
-    return false;
+    TORCH_CHECK_VALUE(is("auto"), "FASTDPO_NATIVE_ISA=", name, ", but fastdpo._C was built without AVX-512");
+    return Isa::kGeneric;
 #endif
   }();
   return chosen;
 }
+
+inline bool avx512_path() { return isa() != Isa::kGeneric; }
 
 // Exponents (base 2) below this give exactly 0 on the AVX-512 path; clamping to it (not to
 // -inf) keeps e * (x - m) of a masked entry 0 rather than 0 * -inf.

@@ -230,6 +230,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     grad_rows = torch.randn(stats[1].shape, generator=g)
     grad = ops.logps_backward(logits, labels, stats[1], grad_rows, -100, True)
     out[str(dtype)] = (*stats, grad)
+# softmax of -88 against 0: 6e-39, a gradient below bfloat16's normal range
+tiny = torch.full((1, 2, 64), -88.0, dtype=torch.bfloat16)
+tiny[..., 0] = 0
+labels = torch.zeros(1, 2, dtype=torch.long)
+lse = ops.logps_forward(tiny, labels, -100, True)[1]
+out["subnormal"] = ops.logps_backward(tiny, labels, lse, torch.ones_like(lse), -100, True)
 torch.save(out, sys.argv[1])
 """
 
@@ -241,32 +247,42 @@ def _isa_outputs(isa, path):
     )
 
 
-def test_generic_path_matches_the_avx512_path(tmp_path):
-    """FASTDPO_NATIVE_ISA=generic forces the at::vec-only kernels (what AVX2 and default builds
-    run) in an AVX-512 build: they give the same results, up to float32 rounding, as the
-    default path, which the parity tests check against float64."""
-    generic = _isa_outputs("generic", tmp_path / "generic.pt")
-    assert generic.returncode == 0, generic.stderr
-    auto = _isa_outputs("auto", tmp_path / "auto.pt")
-    assert auto.returncode == 0, auto.stderr
-    a, b = torch.load(tmp_path / "generic.pt"), torch.load(tmp_path / "auto.pt")
+def _assert_same_up_to_rounding(a, b):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x, y = a[str(dtype)], b[str(dtype)]
-        for i, name in enumerate(("token_logps", "lse", "entropy", "log_sum_sq_probs")):
-            torch.testing.assert_close(x[(0, 1, 4, 5)[i]], y[(0, 1, 4, 5)[i]], atol=2e-5, rtol=0, msg=name)
+        for i in (0, 1, 4, 5):  # token_logps, lse, entropy, log_sum_sq_probs
+            torch.testing.assert_close(x[i], y[i], atol=2e-5, rtol=0)
         torch.testing.assert_close(x[2], y[2], atol=1e-4, rtol=0)  # sequence sums
-        for i in (3, 6, 7):  # logit sums, is_top1, mean logits: the same code on both paths
+        for i in (3, 6, 7):  # logit sums, is_top1, mean logits: the same code on every path
             assert torch.equal(x[i], y[i]), i
         rtol, atol = GRAD_TOL[dtype]
         torch.testing.assert_close(x[8], y[8], rtol=rtol, atol=atol)
-    avx512 = _isa_outputs("avx512", tmp_path / "avx512.pt")
-    if avx512.returncode == 0:  # an AVX-512 build: the switch did change the kernels
-        assert not torch.equal(a["torch.float32"][8], b["torch.float32"][8])
-    else:
-        assert "built without AVX-512" in avx512.stderr
+
+
+def test_every_isa_path_matches_the_generic_path(tmp_path):
+    """FASTDPO_NATIVE_ISA=generic forces the at::vec-only kernels (what AVX2 and default builds
+    run); avx512 and avx512bf16 (where the build and the CPU have them) give the same results up
+    to float32 rounding, and the switch does change the kernels. The default path also runs the
+    whole parity suite against float64."""
+    generic = _isa_outputs("generic", tmp_path / "generic.pt")
+    assert generic.returncode == 0, generic.stderr
+    base = torch.load(tmp_path / "generic.pt")
+    ran = {}
+    for isa in ("avx512", "avx512bf16"):
+        result = _isa_outputs(isa, tmp_path / f"{isa}.pt")
+        if result.returncode != 0:  # refused, with the reason, where the build or CPU lacks it
+            assert "built without AVX-512" in result.stderr or "lacks AVX512-BF16" in result.stderr
+            continue
+        ran[isa] = torch.load(tmp_path / f"{isa}.pt")
+        _assert_same_up_to_rounding(base, ran[isa])
+        assert not torch.equal(base["torch.float32"][8], ran[isa]["torch.float32"][8])
+    if "avx512" in ran:  # bfloat16 rounding keeps subnormals; vcvtne2ps2bf16 flushes them to 0
+        assert (ran["avx512"]["subnormal"][0, 0, 1:] != 0).all()
+    if "avx512bf16" in ran:
+        assert (ran["avx512bf16"]["subnormal"][0, 0, 1:] == 0).all()
 
 
 def test_bad_isa_choice_is_one_line_error(tmp_path):
     bad = _isa_outputs("sse9", tmp_path / "x.pt")
     assert bad.returncode != 0
-    assert "FASTDPO_NATIVE_ISA must be auto, avx512 or generic, got 'sse9'" in bad.stderr
+    assert "FASTDPO_NATIVE_ISA must be auto, avx512, avx512bf16 or generic, got 'sse9'" in bad.stderr
