@@ -134,6 +134,16 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
   // e (x - m) of a masked entry is 0 * -inf: x - m is clamped to the lowest finite value first
   // (e is exactly 0 for any x - m below about -104, so the clamp changes no other term).
   const Vec vlowest(std::numeric_limits<acc_t>::lowest());
+  // 16-bit rows: pass 1 keeps the block widened to float32 (in L1) for pass 2
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  alignas(64) acc_t wide[kWiden ? kBlock : 1];
+  const auto load2 = [&](const scalar_t* x, int64_t i) {
+    if constexpr (kWiden) {
+      return Vec::loadu(wide + i);
+    } else {
+      return load_vec<scalar_t, acc_t>(x + i);
+    }
+  };
   const Exp2 exp2;
   acc_t run_max = -kInf, run_sum = 0, logit_sum = 0, run_w = 0, run_q = 0;
   int64_t top1 = 0;
@@ -148,10 +158,12 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
       const Vec c = load_vec<scalar_t, acc_t>(x + i + 2 * W), d = load_vec<scalar_t, acc_t>(x + i + 3 * W);
       m0 = vmax(m0, a), m1 = vmax(m1, b), m2 = vmax(m2, c), m3 = vmax(m3, d);
       s0 += a, s1 += b, s2 += c, s3 += d;
+      if constexpr (kWiden) a.store(wide + i), b.store(wide + i + W), c.store(wide + i + 2 * W), d.store(wide + i + 3 * W);
     }
     for (; i + W <= len; i += W) {
       const Vec a = load_vec<scalar_t, acc_t>(x + i);
       m0 = vmax(m0, a), s0 += a;
+      if constexpr (kWiden) a.store(wide + i);
     }
     acc_t block_max = reduce_lanes(vmax(vmax(m0, m1), vmax(m2, m3)), smax);
     acc_t block_sum = reduce_lanes((s0 + s1) + (s2 + s3), sadd);
@@ -201,12 +213,12 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
       for (int64_t b = i * int64_t(sizeof(scalar_t)); b < std::min((i + U) * int64_t(sizeof(scalar_t)), next_bytes); b += 64) {
         __builtin_prefetch(next + b, 0, 3);
       }
-      fold(load_vec<scalar_t, acc_t>(x + i), e0, w0, q0);
-      fold(load_vec<scalar_t, acc_t>(x + i + W), e1, w1, q1);
-      fold(load_vec<scalar_t, acc_t>(x + i + 2 * W), e2, w2, q2);
-      fold(load_vec<scalar_t, acc_t>(x + i + 3 * W), e3, w3, q3);
+      fold(load2(x, i), e0, w0, q0);
+      fold(load2(x, i + W), e1, w1, q1);
+      fold(load2(x, i + 2 * W), e2, w2, q2);
+      fold(load2(x, i + 3 * W), e3, w3, q3);
     }
-    for (; i + W <= len; i += W) fold(load_vec<scalar_t, acc_t>(x + i), e0, w0, q0);
+    for (; i + W <= len; i += W) fold(load2(x, i), e0, w0, q0);
     acc_t block_exp = reduce_lanes((e0 + e1) + (e2 + e3), sadd);
     acc_t block_w = 0, block_q = 0;
     if constexpr (kStats) {
