@@ -132,7 +132,7 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
   const auto smax = [](acc_t a, acc_t b) { return std::max(a, b); };
   const auto sadd = [](acc_t a, acc_t b) { return a + b; };
   // e (x - m) of a masked entry is 0 * -inf: x - m is clamped to the lowest finite value first
-  // (e is exactly 0 for any x - m below about -104, so the clamp changes no other term).
+  // (at::vec's exp is exactly 0 below about -88, so the clamp changes no other term).
   const Vec vlowest(std::numeric_limits<acc_t>::lowest());
   // 16-bit rows: pass 1 keeps the block widened to float32 (in L1) for pass 2
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
