@@ -286,3 +286,28 @@ def test_bad_isa_choice_is_one_line_error(tmp_path):
     bad = _isa_outputs("sse9", tmp_path / "x.pt")
     assert bad.returncode != 0
     assert "FASTDPO_NATIVE_ISA must be auto, avx512, avx512bf16 or generic, got 'sse9'" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_gradient_equals_the_cached_one(dtype):
+    """A gradient of 64 MB or more is written with non-temporal stores (ignored rows too): the
+    same bits as the sequences' gradients computed one at a time (each under 64 MB, written
+    through the cache), out of place and in place."""
+    v = 32768
+    t = (64 * 2**20) // (v * dtype.itemsize) // 2 + 8  # two sequences: just over 64 MB
+    logits, labels = make_inputs(2, t, v, dtype)
+    _, lse, _, _ = ops.logps_forward(logits, labels, -100, True)
+    grad_rows = torch.randn(lse.shape, generator=torch.Generator().manual_seed(1))
+    streamed = ops.logps_backward(logits, labels, lse, grad_rows, -100, True)
+    assert streamed.nbytes >= 64 * 2**20
+    one_at_a_time = torch.cat(
+        [
+            ops.logps_backward(
+                logits[i : i + 1], labels[i : i + 1], lse[i : i + 1], grad_rows[i : i + 1], -100, True
+            )
+            for i in range(2)
+        ]
+    )
+    assert torch.equal(streamed, one_at_a_time)
+    ops.logps_backward_(logits, labels, lse, grad_rows, -100, True)
+    assert torch.equal(logits, streamed)
