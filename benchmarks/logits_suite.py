@@ -9,16 +9,25 @@ ignored); every method returns the summed shifted log-probs of each sequence, an
 - ``naive``: ``fastdpo.naive.naive_sequence_logps`` (float32 ``log_softmax`` of all the
   logits, gather, mask, sum), the baseline; ``naive-compiled`` its ``torch.compile``;
 - ``trl-selective-log-softmax``: TRL's ``selective_log_softmax`` as TRL's trainer calls it;
-- ``read-floor-amax``: one read pass over the logits, the memory-bandwidth floor of a forward.
+- memory floors, timed forward only: ``read-floor-amax`` one read pass over all the logits;
+  ``read-floor-counted`` one read (a sum) of as many rows as are counted, which is what a
+  forward must read; ``read-write-floor-counted`` the least a backward moves: a read of as many
+  rows as are counted, copied into a preallocated gradient-sized buffer, and the rest of that
+  buffer zeroed (every row of the gradient is written once). A forward + backward's floor is
+  the sum of the last two.
 """
 
 from __future__ import annotations
+
+import argparse
+import statistics
+import time
 
 import torch
 
 import fastdpo
 from benchmarks.ground_truth import float64_sequence_logps, make_logits
-from benchmarks.suite import DTYPES, Inputs, Output, Shape, Suite
+from benchmarks.suite import DTYPES, Inputs, Output, Shape, Suite, run_once
 from fastdpo.naive import naive_sequence_logps
 
 
@@ -81,12 +90,52 @@ def _read_floor(x: Inputs) -> Output:
     return _summed(x["logits"].amax(-1).sum(-1))
 
 
+def _counted_rows(x: Inputs) -> tuple[torch.Tensor, int]:
+    """The logits as ``[rows, V]`` and how many of the rows the shifted labels count."""
+    logits = x["logits"]
+    return logits.view(-1, logits.shape[-1]), int((x["labels"][:, 1:] != -100).sum())
+
+
+def _read_floor_counted(x: Inputs) -> Output:
+    rows, counted = _counted_rows(x)
+    total = rows[:counted].sum()
+    return Output(total, total.expand(x["logits"].shape[0]))
+
+
+_gradient_buffers: dict = {}  # one gradient-sized buffer per logits shape, as a backward writes
+
+
+def _read_write_floor_counted(x: Inputs) -> Output:
+    rows, counted = _counted_rows(x)
+    key = (rows.shape, rows.dtype)
+    if key not in _gradient_buffers:
+        _gradient_buffers.clear()  # only the current shape's: full-size buffers are GBs
+        _gradient_buffers[key] = torch.empty_like(rows)
+    out = _gradient_buffers[key]
+    out[:counted].copy_(rows[:counted])
+    out[counted:].zero_()
+    total = out[:1, :1].sum()
+    return Output(total, total.expand(x["logits"].shape[0]))
+
+
 def _methods() -> dict:
     backends = fastdpo.available_backends("cpu")
     methods = {f"fastdpo-{backend}": _fastdpo(backend) for backend in backends}
     if "native" in backends:
         methods["fastdpo-native-inplace"] = _native_inplace
-    return {**methods, "naive": _naive, "naive-compiled": _naive_compiled, "read-floor-amax": _read_floor}
+    return {
+        **methods,
+        "naive": _naive,
+        "naive-compiled": _naive_compiled,
+        **FLOORS,
+    }
+
+
+FLOORS = {
+    "read-floor-amax": _read_floor,
+    "read-floor-counted": _read_floor_counted,
+    "read-write-floor-counted": _read_write_floor_counted,
+}
 
 
 SUITE = Suite(
@@ -122,5 +171,60 @@ SUITE = Suite(
         ),
     },
     modes=("forward", "forward_backward"),
-    forward_only=frozenset({"read-floor-amax"}),
+    forward_only=frozenset(FLOORS),
 )
+
+
+# Floors, side by side: ``python -m benchmarks.logits_suite [--size full] [--rounds 9] [--threads 2]``
+# times the native kernel's forward and forward + backward against the counted-row floors, the
+# four interleaved round by round (so a busy machine slows all alike), and prints medians and
+# the ratios: forward / one read, forward + backward / (read + read-write).
+FLOOR_CASES = (
+    ("forward", "fastdpo-native"),
+    ("forward_backward", "fastdpo-native"),
+    ("forward", "read-floor-counted"),
+    ("forward", "read-write-floor-counted"),
+)
+
+
+def time_against_floors(shape: Shape, dtype: str, rounds: int, clock=time.perf_counter) -> dict:
+    """Median seconds of each of ``FLOOR_CASES`` at ``shape``, ``dtype``, interleaved."""
+    inputs = make_inputs(shape, dtype)
+    times = {case: [] for case in FLOOR_CASES}
+    for round_ in range(rounds + 1):  # round 0 warms up (allocator pools, first-touch)
+        for mode, method in FLOOR_CASES:
+            start = clock()
+            run_once(SUITE, SUITE.methods[method], inputs, mode)
+            if round_:
+                times[(mode, method)].append(clock() - start)
+    return {case: statistics.median(t) for case, t in times.items()}
+
+
+def _main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="native kernel vs memory floors, side by side")
+    parser.add_argument("--size", choices=("quick", "full"), default="full")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="thread CPU time instead of wall time (needs --threads 1)"
+    )
+    args = parser.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time measures the calling thread only: pass --threads 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    for name, shape in SUITE.shapes[args.size].items():
+        for dtype in SUITE.dtypes:
+            t = time_against_floors(shape, dtype, args.rounds, clock)
+            fwd, fwd_bwd, read, read_write = (t[case] * 1e3 for case in FLOOR_CASES)
+            print(
+                f"{name} {dtype}: forward {fwd:.1f} ms, forward+backward {fwd_bwd:.1f} ms, "
+                f"read {read:.1f} ms, read+write {read_write:.1f} ms | forward/read {fwd / read:.2f}, "
+                f"forward+backward/(read + read+write) {fwd_bwd / (read + read_write):.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    _main()

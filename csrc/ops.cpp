@@ -3,6 +3,7 @@
 // and autograd are added once in Python (fastdpo/backends/native.py).
 //
 //   logps_forward(logits, labels, ignore_index, shift) -> (token_logps, lse, sequence_logps, logit_sums)
+//   logps_forward_statistics(...same) -> (...the same four, entropy, log_sum_sq_probs, is_top1, mean_logits)
 //   logps_backward(logits, labels, lse, grad_rows, ignore_index, shift) -> grad
 //   logps_backward_(logits!, ...) -> ()               the same, written into logits' storage
 //   lse_fold_(tile!, running_max, running_sum) -> (new_max, new_sum, rescale, tile_logit_sum)
@@ -25,6 +26,9 @@
 
 TORCH_LIBRARY(fastdpo, m) {
   m.def("logps_forward(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "logps_forward_statistics(Tensor logits, Tensor labels, int ignore_index, bool shift) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("logps_backward(Tensor logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> Tensor");
   m.def("logps_backward_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, bool shift) -> ()");
   m.def("lse_fold_(Tensor(a!) tile, Tensor running_max, Tensor running_sum) -> (Tensor, Tensor, Tensor, Tensor)");

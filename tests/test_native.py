@@ -1,10 +1,13 @@
 """Specifics of the native C++ backend: op registration, gradcheck, determinism, bounds, in place."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
-from helpers import make_inputs
+from helpers import GRAD_TOL, make_inputs
 
 from fastdpo import fused_logps, sequence_logps
 from fastdpo.backends import native
@@ -147,3 +150,164 @@ def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sequence_logps(logits, labels)  # warned once, not every call
+
+
+_STATISTICS_DETERMINISM = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+import fastdpo.backends.native
+ops = torch.ops.fastdpo
+g = torch.Generator().manual_seed(3)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    logits = (torch.randn(4, 67, 4099, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 4099, (4, 67), generator=g)
+    labels[torch.rand(4, 67, generator=g) < 0.3] = -100
+    digest = hashlib.sha256()
+    for t in ops.logps_forward_statistics(logits, labels, -100, True):
+        digest.update(t.numpy().tobytes())
+    print(dtype, digest.hexdigest())
+"""
+
+
+def test_statistics_bitwise_equal_for_one_and_two_threads():
+    """Fresh processes (the thread pool is set before any work): all eight outputs of the
+    statistics op hash the same with 1 and 2 threads, in every input dtype."""
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", _STATISTICS_DETERMINISM, str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for threads in (1, 2)
+    ]
+    assert digests[0].count("torch.") == 3 and digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_is_top1_is_the_first_maximum_across_lanes_and_blocks(dtype):
+    """Rows of many tied values (bfloat16 rounds logits onto few values) with the maximum planted
+    at several places, in different vector lanes and vocabulary blocks (V = 5000 is two full
+    2048-element blocks and a tail): the label is the top-1 only at the first of them."""
+    gen = torch.Generator().manual_seed(11)
+    n, t, v = 2, 40, 5000
+    logits = (torch.randint(-20, 20, (n, t, v), generator=gen) / 4).to(dtype)
+    labels = torch.empty(n, t, dtype=torch.long)
+    for i in range(n):
+        for j in range(t):
+            places = torch.randperm(v, generator=gen)[: 2 + j % 3]
+            logits[i, j, places] = 10.0
+            # rows j - 1 score label j: the first maximum on even j, a later one on odd j
+            labels[i, (j + 1) % t] = places.min() if j % 2 == 0 else places.max()
+    first_max = logits[:, :-1].float().argmax(-1)
+    expected = labels[:, 1:] == first_max
+    assert 0 < expected.sum() < expected.numel()  # both outcomes occur
+    out = ops.logps_forward_statistics(logits, labels, -100, True)
+    assert torch.equal(out[6], expected)
+
+
+def test_statistics_op_checks():
+    logits, labels, ignore_index, shift = _op_args(dtype=torch.bfloat16)
+    torch.library.opcheck(ops.logps_forward_statistics, (logits, labels, ignore_index, shift))
+    with pytest.raises(ValueError, match="is outside"):
+        labels[0, 2] = 37
+        ops.logps_forward_statistics(logits, labels, ignore_index, shift)
+
+
+_ISA_OUTPUTS = """
+import sys, torch
+import fastdpo.backends.native
+ops = torch.ops.fastdpo
+g = torch.Generator().manual_seed(5)
+out = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    logits = (torch.randn(3, 21, 4141, generator=g) * 4).to(dtype)  # 2 blocks and a tail
+    logits[0, :, :2100] = -torch.inf  # a masked first block
+    logits[1, :, 3000:3100] = -torch.inf
+    labels = torch.randint(2100, 4141, (3, 21), generator=g)
+    labels[torch.rand(3, 21, generator=g) < 0.3] = -100
+    stats = ops.logps_forward_statistics(logits, labels, -100, True)
+    grad_rows = torch.randn(stats[1].shape, generator=g)
+    grad = ops.logps_backward(logits, labels, stats[1], grad_rows, -100, True)
+    out[str(dtype)] = (*stats, grad)
+# softmax of -88 against 0: 6e-39, a gradient below bfloat16's normal range
+tiny = torch.full((1, 2, 64), -88.0, dtype=torch.bfloat16)
+tiny[..., 0] = 0
+labels = torch.zeros(1, 2, dtype=torch.long)
+lse = ops.logps_forward(tiny, labels, -100, True)[1]
+out["subnormal"] = ops.logps_backward(tiny, labels, lse, torch.ones_like(lse), -100, True)
+torch.save(out, sys.argv[1])
+"""
+
+
+def _isa_outputs(isa, path):
+    env = dict(os.environ, FASTDPO_NATIVE_ISA=isa)
+    return subprocess.run(
+        [sys.executable, "-c", _ISA_OUTPUTS, str(path)], env=env, capture_output=True, text=True
+    )
+
+
+def _assert_same_up_to_rounding(a, b):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, y = a[str(dtype)], b[str(dtype)]
+        for i in (0, 1, 4, 5):  # token_logps, lse, entropy, log_sum_sq_probs
+            torch.testing.assert_close(x[i], y[i], atol=2e-5, rtol=0)
+        torch.testing.assert_close(x[2], y[2], atol=1e-4, rtol=0)  # sequence sums
+        for i in (3, 6, 7):  # logit sums, is_top1, mean logits: the same code on every path
+            assert torch.equal(x[i], y[i]), i
+        rtol, atol = GRAD_TOL[dtype]
+        torch.testing.assert_close(x[8], y[8], rtol=rtol, atol=atol)
+
+
+def test_every_isa_path_matches_the_generic_path(tmp_path):
+    """FASTDPO_NATIVE_ISA=generic forces the at::vec-only kernels (what AVX2 and default builds
+    run); avx512 and avx512bf16 (where the build and the CPU have them) give the same results up
+    to float32 rounding, and the switch does change the kernels. The default path also runs the
+    whole parity suite against float64."""
+    generic = _isa_outputs("generic", tmp_path / "generic.pt")
+    assert generic.returncode == 0, generic.stderr
+    base = torch.load(tmp_path / "generic.pt")
+    ran = {}
+    for isa in ("avx512", "avx512bf16"):
+        result = _isa_outputs(isa, tmp_path / f"{isa}.pt")
+        if result.returncode != 0:  # refused, with the reason, where the build or CPU lacks it
+            assert "built without AVX-512" in result.stderr or "lacks AVX512-BF16" in result.stderr
+            continue
+        ran[isa] = torch.load(tmp_path / f"{isa}.pt")
+        _assert_same_up_to_rounding(base, ran[isa])
+        assert not torch.equal(base["torch.float32"][8], ran[isa]["torch.float32"][8])
+    if "avx512" in ran:  # bfloat16 rounding keeps subnormals; vcvtne2ps2bf16 flushes them to 0
+        assert (ran["avx512"]["subnormal"][0, 0, 1:] != 0).all()
+    if "avx512bf16" in ran:
+        assert (ran["avx512bf16"]["subnormal"][0, 0, 1:] == 0).all()
+
+
+def test_bad_isa_choice_is_one_line_error(tmp_path):
+    bad = _isa_outputs("sse9", tmp_path / "x.pt")
+    assert bad.returncode != 0
+    assert "FASTDPO_NATIVE_ISA must be auto, avx512, avx512bf16 or generic, got 'sse9'" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_gradient_equals_the_cached_one(dtype):
+    """A gradient of 64 MB or more is written with non-temporal stores (ignored rows too): the
+    same bits as the sequences' gradients computed one at a time (each under 64 MB, written
+    through the cache), out of place and in place."""
+    v = 32768
+    t = (64 * 2**20) // (v * dtype.itemsize) // 2 + 8  # two sequences: just over 64 MB
+    logits, labels = make_inputs(2, t, v, dtype)
+    _, lse, _, _ = ops.logps_forward(logits, labels, -100, True)
+    grad_rows = torch.randn(lse.shape, generator=torch.Generator().manual_seed(1))
+    streamed = ops.logps_backward(logits, labels, lse, grad_rows, -100, True)
+    assert streamed.nbytes >= 64 * 2**20
+    one_at_a_time = torch.cat(
+        [
+            ops.logps_backward(
+                logits[i : i + 1], labels[i : i + 1], lse[i : i + 1], grad_rows[i : i + 1], -100, True
+            )
+            for i in range(2)
+        ]
+    )
+    assert torch.equal(streamed, one_at_a_time)
+    ops.logps_backward_(logits, labels, lse, grad_rows, -100, True)
+    assert torch.equal(logits, streamed)

@@ -20,7 +20,7 @@ from tests.helpers import DTYPES, assert_close_verbose, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Backends whose forward_statistics kernel exists; a backend joins by adding its name.
-STAT_BACKENDS = ["torch", "triton"]
+STAT_BACKENDS = ["torch", "native", "triton"]
 SHAPES = [(2, 7, 33), (3, 5, 1000), (1, 9, 4099)]
 # float32 sums over V of p log p and p^2; the mean logit is a float32 sum over V divided by V.
 STAT_ATOL = 2e-4
