@@ -185,6 +185,9 @@ def test_opcheck():
     grad = torch.zeros_like(hidden)
     torch.library.opcheck(torch.ops.fastdpo.linear_forward, (hidden, weight, bias, n, t, y, grad, 4, 4, True))
     torch.library.opcheck(torch.ops.fastdpo.linear_forward, (hidden, weight, None, n, t, y, None, 4, 4, True))
+    torch.library.opcheck(
+        torch.ops.fastdpo.linear_forward, (hidden, weight, bias, n, t, y, grad, 4, 4, True, True)
+    )
     lse = torch.ops.fastdpo.linear_forward(hidden, weight, bias, n, t, y, None, 4, 4, True)[1]
     args = (hidden, weight, bias, n, t, y, lse, torch.randn(8), True, True, 4, 4, True)
     torch.library.opcheck(torch.ops.fastdpo.linear_weight_grad, args)

@@ -41,7 +41,19 @@ def _register() -> None:
     import fastdpo._C  # noqa: F401  (loading the library registers the ops)
 
     @torch.library.register_fake("fastdpo::linear_forward")
-    def _(hidden, weight, bias, row_n, row_t, labels, hidden_grad, row_tile, vocab_tile, half_operands, statistics=False):
+    def _(
+        hidden,
+        weight,
+        bias,
+        row_n,
+        row_t,
+        labels,
+        hidden_grad,
+        row_tile,
+        vocab_tile,
+        half_operands,
+        statistics=False,
+    ):
         rows = row_n.shape[0]
         stats = rows if statistics else 0
         f32 = [row_n.new_empty((n,), dtype=torch.float32) for n in (rows, rows, rows, stats, stats)]
@@ -84,7 +96,9 @@ def _args(hidden, weight, rows: Rows):
     return hidden, weight, rows.n.contiguous(), rows.t.contiguous(), rows.label.contiguous()
 
 
-def forward_tiles(hidden, weight, bias, rows: Rows, kernels, plan: TilePlan, hidden_grad=None, statistics=False):
+def forward_tiles(
+    hidden, weight, bias, rows: Rows, kernels, plan: TilePlan, hidden_grad=None, statistics=False
+):
     """Per counted row ``(label_logit, lse, logit_sum)``, float32 ``[C]``; with ``hidden_grad``
     (zeros, ``hidden``'s shape and dtype) each counted row of it receives
     ``d log_softmax(x)[label] / d h`` (see fastdpo/backends/linear_tiles.py for the contract).
@@ -94,7 +108,17 @@ def forward_tiles(hidden, weight, bias, rows: Rows, kernels, plan: TilePlan, hid
     _register()
     hidden, weight, n, t, label = _args(hidden, weight, rows)
     out = torch.ops.fastdpo.linear_forward(
-        hidden, weight, bias, n, t, label, hidden_grad, plan.row_tile, plan.vocab_tile, half_operands(), statistics
+        hidden,
+        weight,
+        bias,
+        n,
+        t,
+        label,
+        hidden_grad,
+        plan.row_tile,
+        plan.vocab_tile,
+        half_operands(),
+        statistics,
     )
     return out if statistics else out[:3]
 
