@@ -3,7 +3,9 @@
 // docs/fused_linear.md explains the design).
 //
 //   fastdpo::linear_forward(hidden, weight, bias?, row_n, row_t, labels, hidden_grad!?,
-//                           row_tile, vocab_tile, half_operands) -> (label_logit, lse, logit_sum)
+//                           row_tile, vocab_tile, half_operands, statistics=False)
+//       -> (label_logit, lse, logit_sum, entropy, log_sum_sq_probs, is_top1)
+//                                 (the last three [C] with statistics, empty without)
 //   fastdpo::linear_weight_grad(hidden, weight, bias?, row_n, row_t, labels, lse, grad_rows,
 //                               need_weight, need_bias, row_tile, vocab_tile, half_operands)
 //       -> (grad_weight, grad_bias)                    (empty tensors for what is not needed)
@@ -27,13 +29,19 @@
 // Weight gradient, one task per vocabulary block, row tiles in order:
 //   x^T = W_block . h^T (GEMM 3), G^T = g * (onehot - exp(x - lse)) in place,
 //   grad_W_block += G^T [v, r] . h [r, H] (GEMM 4), grad_b += row sums of G^T.
-// With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16 where the
-// result is one row's (GEMM 2: each term carries 2^-8 relative error and the row's sum is of
-// the size of its terms; measured RMS error 1.4x, max 2x that of rounding the exact gradient
-// to bfloat16, which the result then is anyway), and
-// split into bfloat16 hi + lo (two passes, 16 bits) where the result sums over rows (GEMM 4:
-// the head's gradient adds terms of both signs from thousands of rows and can be much smaller
-// than them, so 2^-8 per term would show; the parity tests saw 4% errors).
+// With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16. Where the
+// result is one row's (GEMM 2: each term carries 2^-9 relative error and the row's sum is of
+// the size of its terms; measured RMS error 1.4x, max 1.6-2x that of rounding the exact
+// gradient to bfloat16, which the result then is anyway: benchmarks/linear_grad_error.py) once.
+// Where the result sums over rows (GEMM 4: the head's gradient adds terms of both signs from
+// thousands of rows and can be much smaller than them, so 2^-9 per large term would show; the
+// parity tests saw 4% errors) the tile is rounded once too, but every entry above |g| / 256 -
+// the label's g (1 - p) and the few large probabilities, at most 256 per row - gets its
+// rounding error back in float32 after the GEMM (head_grad_tile in csrc/fused_linear.h): each
+// entry then errs by at most 2^-17 |g|, the bound of a bfloat16 hi + lo split, for one GEMM
+// pass instead of two (measured: the head's gradient as exact as its rounding to bfloat16).
+// With statistics the forward's fold also keeps, per row, sum e (x - m) and sum e^2 (rebased as
+// m grows) and the first maximum's index: entropy, log sum p^2 and is_top1 from the same tiles.
 // Every task computes its rows or its block alone in a fixed order, so results do not depend
 // on the number of threads. A row whose block is all -inf (masked vocabulary) adds nothing.
 

@@ -109,7 +109,7 @@ void chunk_weight_grad(const Problem<in_t>& p, float* probs, const float* block_
 }
 
 // Phase 2, one task per row tile: grad_hidden rows = G [r, V] W [V, H] (one row's sum: G is
-// rounded to bfloat16 for bfloat16 operands, where phase 1 splits it; csrc/fused_linear.cpp).
+// rounded to bfloat16 for bfloat16 operands; csrc/fused_linear.cpp says why that is enough).
 template <typename in_t, typename op_t>
 void chunk_hidden_grad(const Problem<in_t>& p, const float* probs, in_t* grad_hidden, int64_t gs0, int64_t gs1,
                        int64_t R, int64_t VB) {
