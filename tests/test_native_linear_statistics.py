@@ -4,13 +4,10 @@ float64 logits of the same inputs, on both operand paths; ties (the first maximu
 across vocabulary blocks), masked vocabularies, all-ignored rows, the other results unchanged,
 bitwise equal for 1 and 2 threads."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from helpers import make_linear
+from test_native_linear import thread_digests
 
 from benchmarks.ground_truth import float64_token_statistics
 from fastdpo.backends import native_linear
@@ -123,17 +120,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 
 @pytest.mark.parametrize("forced", ["auto", "float32"])
 def test_bitwise_equal_for_one_and_two_threads(forced):
-    env = dict(os.environ, **{native_linear.OPERANDS_ENV: forced})
-    digests = [
-        subprocess.run(
-            [sys.executable, "-c", _THREADS, str(threads)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for threads in (1, 2)
-    ]
+    digests = thread_digests(_THREADS, forced)
     assert digests[0].count("torch.") == 3 and digests[0] == digests[1]
 
 
