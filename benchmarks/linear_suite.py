@@ -16,7 +16,8 @@ the same head (no gradient), ~30% of labels ignored. Every method returns the si
   ``DPOTrainer`` calls it on CPU (``add_fused_lm_head``: every shifted position projected,
   chunk width 32768, ignored positions masked afterwards), then the same DPO loss.
 - ``liger-fused-linear-dpo``: Liger's ``LigerFusedLinearDPOLoss`` with its defaults (chunks of
-  one pair, ``torch.compile``), given the shifted hidden states and labels (it does not shift).
+  one pair, ``torch.compile``), given the shifted hidden states and labels (it does not shift);
+  ``liger-fused-linear-dpo-eager`` the same with ``compiled=False``.
 """
 
 from __future__ import annotations
@@ -126,16 +127,19 @@ def _trl(x: Inputs) -> Output:
 _liger = {}
 
 
-def liger_dpo(x: Inputs) -> Output:
-    if "loss" not in _liger:  # built on first use: importing the suite does not import Liger
-        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+def liger_dpo(compiled: bool):
+    def run(x: Inputs) -> Output:
+        if compiled not in _liger:  # built on first use: importing the suite does not import Liger
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-        _liger["loss"] = LigerFusedLinearDPOLoss(beta=BETA)
-    w = x["weight"]
-    loss, aux = _liger["loss"](
-        w, x["hidden"][:, :-1], x["labels"][:, 1:], None, x["ref_hidden"][:, :-1], w.detach()
-    )
-    return Output(loss, torch.cat([aux[0], aux[1]]))
+            _liger[compiled] = LigerFusedLinearDPOLoss(beta=BETA, compiled=compiled)
+        w = x["weight"]
+        loss, aux = _liger[compiled](
+            w, x["hidden"][:, :-1], x["labels"][:, 1:], None, x["ref_hidden"][:, :-1], w.detach()
+        )
+        return Output(loss, torch.cat([aux[0], aux[1]]))
+
+    return run
 
 
 def _methods() -> dict:
@@ -164,7 +168,8 @@ SUITE = Suite(
     methods=_methods(),
     peers={
         "trl-chunked-logprob": ("trl", _trl),
-        "liger-fused-linear-dpo": ("liger_kernel", liger_dpo),
+        "liger-fused-linear-dpo": ("liger_kernel", liger_dpo(compiled=True)),
+        "liger-fused-linear-dpo-eager": ("liger_kernel", liger_dpo(compiled=False)),
     },
     # (pairs, T, H, V): full are the fused-linear issue's shapes.
     shapes={

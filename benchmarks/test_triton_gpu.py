@@ -156,7 +156,7 @@ def test_sequence_logps_gpu(benchmark, cuda_inputs, method, mode):
 
 # (pairs, T, hidden, V): a Llama-3-8B head.
 HIDDEN_SHAPE = (2, 512, 4096, 128256)
-HIDDEN_METHODS = {"fastdpo-triton": unfused("triton"), "liger-chunked-dpo": liger_dpo}
+HIDDEN_METHODS = {"fastdpo-triton": unfused("triton"), "liger-chunked-dpo": liger_dpo(compiled=True)}
 
 
 @pytest.mark.parametrize("method", list(HIDDEN_METHODS))

@@ -3,7 +3,9 @@
 // docs/fused_linear.md explains the design).
 //
 //   fastdpo::linear_forward(hidden, weight, bias?, row_n, row_t, labels, hidden_grad!?,
-//                           row_tile, vocab_tile, half_operands) -> (label_logit, lse, logit_sum)
+//                           row_tile, vocab_tile, half_operands, statistics=False)
+//       -> (label_logit, lse, logit_sum, entropy, log_sum_sq_probs, is_top1)
+//                                 (the last three [C] with statistics, empty without)
 //   fastdpo::linear_weight_grad(hidden, weight, bias?, row_n, row_t, labels, lse, grad_rows,
 //                               need_weight, need_bias, row_tile, vocab_tile, half_operands)
 //       -> (grad_weight, grad_bias)                    (empty tensors for what is not needed)
@@ -27,13 +29,19 @@
 // Weight gradient, one task per vocabulary block, row tiles in order:
 //   x^T = W_block . h^T (GEMM 3), G^T = g * (onehot - exp(x - lse)) in place,
 //   grad_W_block += G^T [v, r] . h [r, H] (GEMM 4), grad_b += row sums of G^T.
-// With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16 where the
-// result is one row's (GEMM 2: each term carries 2^-8 relative error and the row's sum is of
-// the size of its terms; measured RMS error 1.4x, max 2x that of rounding the exact gradient
-// to bfloat16, which the result then is anyway), and
-// split into bfloat16 hi + lo (two passes, 16 bits) where the result sums over rows (GEMM 4:
-// the head's gradient adds terms of both signs from thousands of rows and can be much smaller
-// than them, so 2^-8 per term would show; the parity tests saw 4% errors).
+// With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16. Where the
+// result is one row's (GEMM 2: each term carries 2^-9 relative error and the row's sum is of
+// the size of its terms; measured RMS error 1.4x, max 1.6-2x that of rounding the exact
+// gradient to bfloat16, which the result then is anyway: benchmarks/linear_grad_error.py) once.
+// Where the result sums over rows (GEMM 4: the head's gradient adds terms of both signs from
+// thousands of rows and can be much smaller than them, so 2^-9 per large term would show; the
+// parity tests saw 4% errors) the tile is rounded once too, but every entry above |g| / 256 -
+// the label's g (1 - p) and the few large probabilities, at most 256 per row - gets its
+// rounding error back in float32 after the GEMM (head_grad_tile in csrc/fused_linear.h): each
+// entry then errs by at most 2^-17 |g|, the bound of a bfloat16 hi + lo split, for one GEMM
+// pass instead of two (measured: the head's gradient as exact as its rounding to bfloat16).
+// With statistics the forward's fold also keeps, per row, sum e (x - m) and sum e^2 (rebased as
+// m grows) and the first maximum's index: entropy, log sum p^2 and is_top1 from the same tiles.
 // Every task computes its rows or its block alone in a fixed order, so results do not depend
 // on the number of threads. A row whose block is all -inf (masked vocabulary) adds nothing.
 
@@ -56,30 +64,35 @@ namespace {
 
 using namespace fastdpo_linear;
 
-template <typename in_t, typename op_t>
+// Per counted row outputs of the forward; the statistics pointers are null when not asked for.
+struct ForwardOut {
+  float *label, *lse, *sum;
+  float *entropy = nullptr, *log_sum_sq = nullptr;
+  bool* is_top1 = nullptr;
+};
+
+template <bool Statistics, typename in_t, typename op_t>
 void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int64_t gs1, int64_t R, int64_t VB,
-                    float* out_label, float* out_lse, float* out_sum) {
+                    const ForwardOut& out) {
   const int64_t H = p.H, V = p.V, tiles = (p.C + R - 1) / R;
   const bool grad = hidden_grad != nullptr;
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    const int64_t ldx = round_up(R, Vec::size()), vbp = pad_k<op_t>(VB);
+    const int64_t ldx = round_up(R, Vec::size());
     std::vector<op_t> hT(H * R), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
     std::vector<float> xT(VB * ldx), acc(grad ? R * H : 0);
-    std::vector<op_t> pA(grad ? R * vbp : 0), tmp(2 * H);
-    std::vector<op_t> wB(grad && kVnni<op_t> ? vbp * H : 0);  // the head block packed (bf16 operands)
-    RowState st(R);
+    HiddenGradBuffers<op_t> buf(grad ? R : 0, grad ? VB : 0, H, false);
+    RowState st(R, Statistics);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * R, r = std::min(R, p.C - c0);
       pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, r, H, hT.data());
-      std::fill_n(st.m.begin(), r, -kInf);
-      for (auto* s : {&st.s_other, &st.p_label, &st.logit_sum}) std::fill_n(s->begin(), r, 0.0f);
+      st.start(r);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t v0 = 0; v0 < V; v0 += VB) {
         const int64_t vb = std::min(VB, V - v0);
         int64_t lda;
         const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);
         tile_gemm<op_t>(vb, r, H, W, lda, hT.data(), r, xT.data(), ldx, false);  // GEMM 1
-        fold_block(p, xT.data(), vb, ldx, r, v0, c0, st);
+        fold_block<Statistics>(p, xT.data(), vb, ldx, r, v0, c0, st);
         if (!grad) continue;
         for (int64_t i = 0; i < r; ++i) {
           if (st.scale[i] == 1.0f) continue;
@@ -87,25 +100,17 @@ void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int6
           float* a = acc.data() + i * H;
           at::vec::map([&](Vec x) { return x * s; }, a, a, H);
         }
-        const int64_t k = pad_k<op_t>(vb);
-        if constexpr (kVnni<op_t>) {  // exp(x - m) rounded to bfloat16: see the header comment
-          transpose_to<op_t>(xT.data(), vb, ldx, r, pA.data(), k);
-          pack_rows<in_t, op_t>([&](int64_t j) { return p.wrow(v0 + j); }, vb, H, wB.data(), tmp.data());
-          tile_gemm<op_t>(r, H, k, pA.data(), k, wB.data(), H, acc.data(), H, true);  // GEMM 2
-        } else {
-          transpose_to<op_t>(xT.data(), vb, ldx, r, pA.data(), k);
-          tile_gemm<op_t>(r, H, k, pA.data(), k, W, lda, acc.data(), H, true);  // GEMM 2
-        }
+        hidden_grad_tile<in_t, op_t>(p, xT.data(), ldx, vb, r, v0, acc.data(), buf, W, lda);  // GEMM 2
       }
       for (int64_t i = 0; i < r; ++i) {
         const int64_t c = c0 + i;
-        const float s = st.s_other[i] + st.p_label[i];
-        out_label[c] = st.picked[i];
-        out_lse[c] = s > 0.0f ? st.m[i] + std::log(s) : -kInf;
-        out_sum[c] = st.logit_sum[i];
+        st.finish(i, out.label + c, out.lse + c, out.sum + c);
+        if constexpr (Statistics)
+          st.finish_statistics(i, p.label[c], out.entropy + c, out.log_sum_sq + c, out.is_top1 + c);
         if (!grad) continue;
         in_t* dst = hidden_grad + p.row_n[c] * gs0 + p.row_t[c] * gs1;
         const in_t* wy = p.wrow(p.label[c]);
+        const float s = st.s_other[i] + st.p_label[i];
         const float own = s > 0.0f ? st.s_other[i] / s : 0.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
         const float* a = acc.data() + i * H;
         for (int64_t k = 0; k < H; ++k) dst[k] = cast<in_t>(float(wy[k]) * own - a[k] * inv);
@@ -123,16 +128,15 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
                         in_t* grad_bias, int64_t R, int64_t VB) {
   const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, rp_max = pad_k<op_t>(R);
   // h^T (GEMM 3's B) and h (GEMM 4's B) of every row tile, packed once and shared.
-  std::vector<op_t> packT(tiles * R * H), packV(grad_weight ? tiles * rp_max * H : 0);
+  std::vector<op_t> packT(tiles * R * H);
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<op_t> tmp(2 * H);
     for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c0 = t * R, r = std::min(R, C - c0);
-      auto row = [&](int64_t i) { return p.hrow(c0 + i); };
-      pack_rows_transposed<in_t, op_t>(row, r, H, packT.data() + t * R * H);
-      if (grad_weight) pack_rows<in_t, op_t>(row, r, H, packV.data() + t * rp_max * H, tmp.data());
+      const int64_t c0 = t * R;
+      pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, std::min(R, C - c0), H,
+                                       packT.data() + t * R * H);
     }
   });
+  const std::vector<op_t> packV = grad_weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
   // Rows whose log-sum-exp is -inf (no finite logit) contribute nothing.
   std::vector<float> g(C), lse_ref(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -146,8 +150,6 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
     const int64_t ldx = round_up(R, Vec::size());
     std::vector<float> xT(VB * ldx), gw_buf(in_place || !grad_weight ? 0 : VB * H), gb(VB);
     std::vector<op_t> wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H), gA(kVnni<op_t> ? VB * rp_max : 0);
-    std::vector<op_t> gA_lo(gA.size());
-    std::vector<float> tmpf(R);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
       int64_t lda;
@@ -189,25 +191,8 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
             gb[j] += sum;
           }
         }
-        if (!gw) continue;
-        const op_t* A;
-        int64_t lda_g, k;
-        const op_t* B = packV.data() + t * rp_max * H;
-        if constexpr (kVnni<op_t>) {  // G as bfloat16 hi + lo: two passes of GEMM 4
-          k = pad_k<op_t>(r);
-          for (int64_t j = 0; j < vb; ++j) {
-            split_hi_lo(xT.data() + j * ldx, r, gA.data() + j * k, gA_lo.data() + j * k, tmpf.data());
-            if (k > r) gA[j * k + r] = gA_lo[j * k + r] = op_t(0.0f);
-          }
-          tile_gemm<op_t>(vb, H, k, gA_lo.data(), k, B, H, gw, H, true);
-          A = gA.data();
-          lda_g = k;
-        } else {
-          A = xT.data();
-          lda_g = ldx;
-          k = r;
-        }
-        tile_gemm<op_t>(vb, H, k, A, lda_g, B, H, gw, H, true);  // GEMM 4
+        if (gw) head_grad_tile<in_t, op_t>(p, xT.data(), ldx, vb, r, v0, c0, g.data() + c0,
+                                           packV.data() + t * rp_max * H, gw, gA);  // GEMM 4
       }
       if constexpr (!in_place) {
         if (gw) convert(gw, grad_weight + v0 * H, vb * H);
@@ -218,34 +203,12 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
   });
 }
 
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <typename in_t, typename op_t>
-void run_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels,
-                 const std::optional<at::Tensor>& hidden_grad, int64_t row_tile, int64_t vocab_tile,
-                 at::Tensor& label_logit, at::Tensor& lse, at::Tensor& logit_sum) {
-  auto p = problem<in_t>(hidden, weight, bias, row_n, row_t, labels);
-  in_t* g = hidden_grad.has_value() ? hidden_grad->data_ptr<in_t>() : nullptr;
-  const int64_t gs0 = g ? hidden_grad->stride(0) : 0, gs1 = g ? hidden_grad->stride(1) : 0;
-  forward_kernel<in_t, op_t>(p, g, gs0, gs1, row_tile, vocab_tile, label_logit.data_ptr<float>(),
-                             lse.data_ptr<float>(), logit_sum.data_ptr<float>());
-}
-
-template <typename in_t, typename op_t>
-void run_weight_grad(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels,
-                     const at::Tensor& lse, const at::Tensor& grad_rows, at::Tensor* grad_weight,
-                     at::Tensor* grad_bias, int64_t row_tile, int64_t vocab_tile) {
-  auto p = problem<in_t>(hidden, weight, bias, row_n, row_t, labels);
-  weight_grad_kernel<in_t, op_t>(p, lse.data_ptr<float>(), grad_rows.data_ptr<float>(),
-                                 grad_weight ? grad_weight->data_ptr<in_t>() : nullptr,
-                                 grad_bias ? grad_bias->data_ptr<in_t>() : nullptr, row_tile, vocab_tile);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels,
-    const std::optional<at::Tensor>& hidden_grad, int64_t row_tile, int64_t vocab_tile, bool half_operands) {
+ForwardResult linear_forward(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& row_n, const at::Tensor& row_t, const at::Tensor& labels,
+                             const std::optional<at::Tensor>& hidden_grad, int64_t row_tile, int64_t vocab_tile,
+                             bool half_operands, bool statistics) {
   check_inputs(hidden, weight, bias, row_n, row_t, labels, row_tile, vocab_tile);
   if (hidden_grad.has_value()) {
     CHECK_CPU((*hidden_grad));
@@ -253,21 +216,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     TORCH_CHECK(hidden_grad->sizes() == hidden.sizes(), "hidden_grad must have hidden's shape ", hidden.sizes());
     CHECK_LAST_CONTIGUOUS((*hidden_grad));
   }
-  const int64_t C = row_n.numel();
+  const int64_t C = row_n.numel(), S = statistics ? C : 0;
   auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor label_logit = at::empty({C}, f32), lse = at::empty({C}, f32), logit_sum = at::empty({C}, f32);
-  if (C == 0) return {label_logit, lse, logit_sum};
-#define FASTDPO_RUN(in_t, op_t) \
-  run_forward<in_t, op_t>(hidden, weight, bias, row_n, row_t, labels, hidden_grad, row_tile, vocab_tile, \
-                          label_logit, lse, logit_sum)
-  switch (operands(hidden, half_operands)) {
-    case Operands::f32: FASTDPO_RUN(float, float); break;
-    case Operands::bf16: FASTDPO_RUN(at::BFloat16, at::BFloat16); break;
-    case Operands::bf16_as_f32: FASTDPO_RUN(at::BFloat16, float); break;
-    case Operands::f16_as_f32: FASTDPO_RUN(at::Half, float); break;
+  at::Tensor entropy = at::empty({S}, f32), log_sum_sq = at::empty({S}, f32),
+             is_top1 = at::empty({S}, f32.dtype(at::kBool));
+  ForwardResult result{label_logit, lse, logit_sum, entropy, log_sum_sq, is_top1};
+  if (C == 0) return result;
+  ForwardOut out{label_logit.data_ptr<float>(), lse.data_ptr<float>(), logit_sum.data_ptr<float>()};
+  if (statistics) {
+    out.entropy = entropy.data_ptr<float>();
+    out.log_sum_sq = log_sum_sq.data_ptr<float>();
+    out.is_top1 = is_top1.data_ptr<bool>();
   }
-#undef FASTDPO_RUN
-  return {label_logit, lse, logit_sum};
+  dispatch_operands(hidden, half_operands, [&](auto in, auto op) {
+    using in_t = decltype(in);
+    using op_t = decltype(op);
+    auto p = problem<in_t>(hidden, weight, bias, row_n, row_t, labels);
+    in_t* g = hidden_grad.has_value() ? hidden_grad->data_ptr<in_t>() : nullptr;
+    const int64_t gs0 = g ? hidden_grad->stride(0) : 0, gs1 = g ? hidden_grad->stride(1) : 0;
+    if (statistics) {
+      forward_kernel<true, in_t, op_t>(p, g, gs0, gs1, row_tile, vocab_tile, out);
+    } else {
+      forward_kernel<false, in_t, op_t>(p, g, gs0, gs1, row_tile, vocab_tile, out);
+    }
+  });
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_weight_grad(
@@ -291,17 +265,14 @@ std::tuple<at::Tensor, at::Tensor> linear_weight_grad(
     grad_bias.zero_();
     return {grad_weight, grad_bias};
   }
-  at::Tensor* gw = need_weight ? &grad_weight : nullptr;
-  at::Tensor* gb = need_bias ? &grad_bias : nullptr;
-#define FASTDPO_RUN(in_t, op_t) \
-  run_weight_grad<in_t, op_t>(hidden, weight, bias, row_n, row_t, labels, lse, grad_rows, gw, gb, row_tile, vocab_tile)
-  switch (operands(hidden, half_operands)) {
-    case Operands::f32: FASTDPO_RUN(float, float); break;
-    case Operands::bf16: FASTDPO_RUN(at::BFloat16, at::BFloat16); break;
-    case Operands::bf16_as_f32: FASTDPO_RUN(at::BFloat16, float); break;
-    case Operands::f16_as_f32: FASTDPO_RUN(at::Half, float); break;
-  }
-#undef FASTDPO_RUN
+  dispatch_operands(hidden, half_operands, [&](auto in, auto op) {
+    using in_t = decltype(in);
+    using op_t = decltype(op);
+    weight_grad_kernel<in_t, op_t>(problem<in_t>(hidden, weight, bias, row_n, row_t, labels),
+                                   lse.data_ptr<float>(), grad_rows.data_ptr<float>(),
+                                   need_weight ? grad_weight.data_ptr<in_t>() : nullptr,
+                                   need_bias ? grad_bias.data_ptr<in_t>() : nullptr, row_tile, vocab_tile);
+  });
   return {grad_weight, grad_bias};
 }
 

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/Utils.h>
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -138,17 +140,6 @@ void pack_rows(RowFn row, int64_t r, int64_t H, op_t* out, op_t* tmp) {
   }
 }
 
-// A float32 row as the sum of two operand rows, hi = round(x) and lo = round(x - hi): a
-// bfloat16 pair carries 16 significant bits, so products of the pair with bfloat16 operands
-// lose ~2^-17 relatively instead of 2^-9 (the difference between float32 and bfloat16 gradient
-// tiles). `tmp` holds n floats.
-inline void split_hi_lo(const float* x, int64_t n, at::BFloat16* hi, at::BFloat16* lo, float* tmp) {
-  at::vec::convert(x, hi, n);
-  at::vec::convert(hi, tmp, n);
-  for (int64_t k = 0; k < n; ++k) tmp[k] = x[k] - tmp[k];
-  at::vec::convert(tmp, lo, n);
-}
-
 // A = x^T in the operand type: out[i][j] = x[j][i] for a float x [rows_x][ldx], i < cols,
 // j < rows_x; columns rows_x..lda of out are zero (K padding).
 template <typename op_t>
@@ -254,14 +245,48 @@ const op_t* weight_block(const Problem<in_t>& p, int64_t v0, int64_t vb, std::ve
 struct RowState {  // per row of a row tile
   std::vector<float> m, s_other, p_label, picked, logit_sum, tile_max, tile_sum, scale, m_ref;
   std::vector<int64_t> local;  // label - v0 of the current block
-  explicit RowState(int64_t n)
+  // Token statistics (sized only when asked for): w = sum e (x - m_ref) and q = sum e^2 over the
+  // whole row (label included), their tile parts, the first maximum's index (arg) and its
+  // index within the tile (tile_arg, a float lane).
+  std::vector<float> w, q, tile_w, tile_q, tile_arg;
+  std::vector<int64_t> arg;
+  explicit RowState(int64_t n, bool statistics = false)
       : m(n), s_other(n), p_label(n), picked(n), logit_sum(n), tile_max(n), tile_sum(n), scale(n), m_ref(n),
-        local(n) {}
+        local(n) {
+    if (!statistics) return;
+    for (auto* v : {&w, &q, &tile_w, &tile_q, &tile_arg}) v->resize(n);
+    arg.resize(n);
+  }
+  // A row tile starts with nothing folded.
+  void start(int64_t r) {
+    std::fill_n(m.begin(), r, -kInf);
+    for (auto* s : {&s_other, &p_label, &logit_sum}) std::fill_n(s->begin(), r, 0.0f);
+    if (w.empty()) return;
+    std::fill_n(w.begin(), r, 0.0f);
+    std::fill_n(q.begin(), r, 0.0f);
+    std::fill_n(arg.begin(), r, -1);
+  }
+  // Row i's (label logit, lse, logit sum) once every block is folded.
+  void finish(int64_t i, float* label, float* lse, float* sum) const {
+    const float s = s_other[i] + p_label[i];
+    *label = picked[i];
+    *lse = s > 0.0f ? m[i] + std::log(s) : -kInf;
+    *sum = logit_sum[i];
+  }
+  // Row i's entropy = log s - w / s and log sum p^2 = log q - 2 log s (0 for a row without a
+  // finite logit), and whether the label is the first maximum.
+  void finish_statistics(int64_t i, int64_t label, float* entropy, float* log_sum_sq, bool* is_top1) const {
+    const float s = s_other[i] + p_label[i], log_s = std::log(s);
+    *entropy = s > 0.0f ? log_s - w[i] / s : 0.0f;
+    *log_sum_sq = s > 0.0f ? std::log(q[i]) - 2.0f * log_s : 0.0f;
+    *is_top1 = arg[i] == label;
+  }
 };
 
 // Fold the float32 tile x^T [vb, ldx] (r live columns) of block v0 into the rows' state. On
-// return the tile holds exp(x - m_new) with the label entries zeroed.
-template <typename in_t>
+// return the tile holds exp(x - m_new) with the label entries zeroed. With Statistics the same
+// sweeps also fold w, q and the first maximum; the other results are bitwise the same.
+template <bool Statistics, typename in_t>
 void fold_block(const Problem<in_t>& p, float* xT, int64_t vb, int64_t ldx, int64_t r, int64_t v0, int64_t c0,
                 RowState& st) {
   std::fill_n(st.tile_max.begin(), r, -kInf);
@@ -274,7 +299,12 @@ void fold_block(const Problem<in_t>& p, float* xT, int64_t vb, int64_t ldx, int6
         v = v + bj;
         v.store(x + i0, n);
       }
-      at::vec::maximum(Vec::loadu(st.tile_max.data() + i0, n), v).store(st.tile_max.data() + i0, n);
+      const Vec old = Vec::loadu(st.tile_max.data() + i0, n);
+      if constexpr (Statistics) {  // strictly greater: an equal later entry keeps the first index
+        const Vec arg = Vec::loadu(st.tile_arg.data() + i0, n);
+        Vec::blendv(arg, Vec(float(j)), v > old).store(st.tile_arg.data() + i0, n);
+      }
+      at::vec::maximum(old, v).store(st.tile_max.data() + i0, n);
       (Vec::loadu(st.logit_sum.data() + i0, n) + v).store(st.logit_sum.data() + i0, n);
     });
   }
@@ -289,23 +319,141 @@ void fold_block(const Problem<in_t>& p, float* xT, int64_t vb, int64_t ldx, int6
     // A row whose running max is still -inf has nothing to rescale; an all -inf block must
     // not make exp(-inf - -inf) = NaN, so it is exponentiated against 0 (every term is 0).
     st.scale[i] = st.m[i] == -kInf ? 0.0f : std::exp(st.m[i] - m_new);
+    if constexpr (Statistics) {
+      if (st.tile_max[i] > st.m[i]) st.arg[i] = v0 + int64_t(st.tile_arg[i]);
+      // Rebase w = sum e (x - m_ref) to the new reference: w' = r (w + (m_ref - m_ref') s).
+      const float ref_old = st.m[i] == -kInf ? 0.0f : st.m[i], ref_new = m_new == -kInf ? 0.0f : m_new;
+      const float s_old = st.s_other[i] + st.p_label[i];
+      st.w[i] = st.scale[i] * (st.w[i] + (ref_old - ref_new) * s_old);
+      st.q[i] *= st.scale[i] * st.scale[i];
+    }
     st.m_ref[i] = m_new == -kInf ? 0.0f : m_new;
     st.m[i] = m_new;
   }
   std::fill_n(st.tile_sum.begin(), r, 0.0f);
+  if constexpr (Statistics) {
+    std::fill_n(st.tile_w.begin(), r, 0.0f);
+    std::fill_n(st.tile_q.begin(), r, 0.0f);
+  }
   for (int64_t j = 0; j < vb; ++j) {  // sweep 2: exp(x - m) in place and its sum
     float* x = xT + j * ldx;
     lanes(r, [&](int64_t i0, int64_t n) {
-      const Vec e = (Vec::loadu(x + i0, n) - Vec::loadu(st.m_ref.data() + i0, n)).exp_u20();
+      const Vec d = Vec::loadu(x + i0, n) - Vec::loadu(st.m_ref.data() + i0, n);
+      const Vec e = d.exp_u20();
       e.store(x + i0, n);
       (Vec::loadu(st.tile_sum.data() + i0, n) + e).store(st.tile_sum.data() + i0, n);
+      if constexpr (Statistics) {  // a masked entry (e = 0, d = -inf) adds 0, never 0 * -inf
+        const Vec wd = e * at::vec::maximum(d, Vec(-1e30f));
+        (Vec::loadu(st.tile_w.data() + i0, n) + wd).store(st.tile_w.data() + i0, n);
+        (Vec::loadu(st.tile_q.data() + i0, n) + e * e).store(st.tile_q.data() + i0, n);
+      }
     });
   }
   for (int64_t i = 0; i < r; ++i) {
     st.s_other[i] = st.s_other[i] * st.scale[i] + st.tile_sum[i];
     st.p_label[i] *= st.scale[i];
-    if (st.local[i] >= 0) st.p_label[i] += std::exp(st.picked[i] - st.m_ref[i]);
+    const float e_label = st.local[i] >= 0 ? std::exp(st.picked[i] - st.m_ref[i]) : 0.0f;
+    if (st.local[i] >= 0) st.p_label[i] += e_label;
+    if constexpr (Statistics) {
+      st.w[i] += st.tile_w[i];
+      st.q[i] += st.tile_q[i] + e_label * e_label;
+      if (e_label > 0.0f) st.w[i] += e_label * (st.picked[i] - st.m_ref[i]);
+    }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile steps shared by the recompute path (csrc/fused_linear.cpp) and the chunk path
+// (csrc/fused_linear_chunk.cpp).
+
+// h of every row tile as the B operand of the head's gradient GEMM ([r, H], K = r padded), packed
+// once per call: tile t at out + t * pad_k(R) * H.
+template <typename in_t, typename op_t>
+std::vector<op_t> pack_hidden_tiles(const Problem<in_t>& p, int64_t R) {
+  const int64_t tiles = (p.C + R - 1) / R, stride = pad_k<op_t>(R) * p.H;
+  std::vector<op_t> out(tiles * stride);
+  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<op_t> tmp(2 * p.H);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * R;
+      pack_rows<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, std::min(R, p.C - c0), p.H,
+                            out.data() + t * stride, tmp.data());
+    }
+  });
+  return out;
+}
+
+// Entries of the head's gradient tile at least this share of their row's |g| are corrected to
+// float32 after the bfloat16 GEMM (head_grad_tile).
+inline constexpr float kExactShare = 1.0f / 256.0f;
+
+// grad_W rows v0..v0+vb += G^T [vb, r] (float32, row stride ldg) . h [r, H] (B: the row tile c0
+// packed by pack_hidden_tiles); g_rows [r] the rows' upstream gradients (|G| <= |g| entrywise).
+// With bfloat16 operands G^T is rounded to bfloat16 for the GEMM, and every entry with
+// |G| > kExactShare |g| - the label's g (1 - p) and the few large probabilities, at most 1 /
+// kExactShare per row because sum |G| <= 2 |g| - gets its rounding error back in float32 (h
+// times the residual). What stays is under 2^-9 kExactShare |g| = 2^-17 |g| per entry: the bound
+// of splitting every entry into bfloat16 hi + lo (two GEMMs), for one GEMM and a sparse fix-up
+// (see the header comment of csrc/fused_linear.cpp). gA holds vb x pad_k(r) operands.
+template <typename in_t, typename op_t>
+void head_grad_tile(const Problem<in_t>& p, const float* g, int64_t ldg, int64_t vb, int64_t r, int64_t v0,
+                    int64_t c0, const float* g_rows, const op_t* B, float* gw, std::vector<op_t>& gA) {
+  const int64_t H = p.H;
+  if constexpr (kVnni<op_t>) {
+    const int64_t k = pad_k<op_t>(r);
+    alignas(64) float limit[Vec::size()];
+    std::vector<std::pair<int64_t, int64_t>> exact;  // (j, i) of the entries fixed in float32
+    for (int64_t j = 0; j < vb; ++j) {
+      const float* x = g + j * ldg;
+      convert(x, gA.data() + j * k, r);
+      if (k > r) gA[j * k + r] = op_t(0.0f);
+      lanes(r, [&](int64_t i0, int64_t n) {
+        for (int64_t l = 0; l < n; ++l) limit[l] = kExactShare * std::abs(g_rows[i0 + l]);
+        const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit, n);
+        if (big.zero_mask() == (1 << Vec::size()) - 1) return;  // no lane over its limit
+        for (int64_t l = 0; l < n; ++l)
+          if (std::abs(x[i0 + l]) > limit[l]) exact.emplace_back(j, i0 + l);
+      });
+    }
+    tile_gemm<op_t>(vb, H, k, gA.data(), k, B, H, gw, H, true);
+    for (auto [j, i] : exact) {
+      const float residual = g[j * ldg + i] - float(gA[j * k + i]);
+      if (residual == 0.0f) continue;
+      const in_t* h = p.hrow(c0 + i);
+      float* out = gw + j * H;
+      for (int64_t d = 0; d < H; ++d) out[d] += residual * float(h[d]);
+    }
+  } else {
+    tile_gemm<op_t>(vb, H, r, g, ldg, B, H, gw, H, true);
+  }
+}
+
+// Buffers of hidden_grad_tile for one task.
+template <typename op_t>
+struct HiddenGradBuffers {
+  std::vector<op_t> pA, wB, tmp, wconv;
+  HiddenGradBuffers(int64_t R, int64_t VB, int64_t H, bool convert_weight)
+      : pA(R * pad_k<op_t>(VB)), wB(kVnni<op_t> ? pad_k<op_t>(VB) * H : 0), tmp(2 * H),
+        wconv(convert_weight ? VB * H : 0) {}
+};
+
+// acc [r, H] += P [r, vb] . W_block [vb, H], P given transposed as float32 [vb, r] (row stride
+// ldg) and rounded to the operand type: a sum within one row, where one bfloat16 rounding of
+// each term costs about what rounding the result does (csrc/fused_linear.cpp). W (lda) is the
+// block as a float32 A operand when the caller has it already, else null.
+template <typename in_t, typename op_t>
+void hidden_grad_tile(const Problem<in_t>& p, const float* gT, int64_t ldg, int64_t vb, int64_t r, int64_t v0,
+                      float* acc, HiddenGradBuffers<op_t>& buf, const op_t* W = nullptr, int64_t lda = 0) {
+  const int64_t H = p.H, k = pad_k<op_t>(vb);
+  transpose_to<op_t>(gT, vb, ldg, r, buf.pA.data(), k);
+  if constexpr (kVnni<op_t>) {
+    pack_rows<in_t, op_t>([&](int64_t j) { return p.wrow(v0 + j); }, vb, H, buf.wB.data(), buf.tmp.data());
+    W = buf.wB.data();
+    lda = H;
+  } else if (W == nullptr) {
+    W = weight_block<in_t, op_t>(p, v0, vb, buf.wconv, lda);
+  }
+  tile_gemm<op_t>(r, H, k, buf.pA.data(), k, W, lda, acc, H, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -365,6 +513,17 @@ inline Operands operands(const at::Tensor& hidden, bool half_operands) {
       return use_bf16(hidden, half_operands) ? Operands::bf16 : Operands::bf16_as_f32;
     default:
       return Operands::f16_as_f32;
+  }
+}
+
+// Run f(in_t{}, op_t{}) with the input and operand types of the operand path.
+template <typename F>
+void dispatch_operands(const at::Tensor& hidden, bool half_operands, F f) {
+  switch (operands(hidden, half_operands)) {
+    case Operands::f32: f(float{}, float{}); break;
+    case Operands::bf16: f(at::BFloat16{}, at::BFloat16{}); break;
+    case Operands::bf16_as_f32: f(at::BFloat16{}, float{}); break;
+    case Operands::f16_as_f32: f(at::Half{}, float{}); break;
   }
 }
 

@@ -46,22 +46,19 @@ void chunk_forward_kernel(const Problem<in_t>& p, float* probs, float* block_max
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * R, r = std::min(R, C - c0);
       pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, r, H, hT.data());
-      std::fill_n(st.m.begin(), r, -kInf);
-      for (auto* s : {&st.s_other, &st.p_label, &st.logit_sum}) std::fill_n(s->begin(), r, 0.0f);
+      st.start(r);
       for (int64_t v0 = 0, b = 0; v0 < V; v0 += VB, ++b) {
         const int64_t vb = std::min(VB, V - v0);
         int64_t lda;
         const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);
         float* x = probs + v0 * C + c0;
         tile_gemm<op_t>(vb, r, H, W, lda, hT.data(), r, x, C, false);  // GEMM 1, kept
-        fold_block(p, x, vb, C, r, v0, c0, st);
+        fold_block<false>(p, x, vb, C, r, v0, c0, st);
         std::copy_n(st.m_ref.begin(), r, block_max + b * C + c0);
       }
       for (int64_t i = 0; i < r; ++i) {
         const float s = st.s_other[i] + st.p_label[i];
-        out_label[c0 + i] = st.picked[i];
-        out_lse[c0 + i] = s > 0.0f ? st.m[i] + std::log(s) : -kInf;
-        out_sum[c0 + i] = st.logit_sum[i];
+        st.finish(i, out_label + c0 + i, out_lse + c0 + i, out_sum + c0 + i);
         out_share[c0 + i] = s > 0.0f ? st.s_other[i] / s : 0.0f;
       }
     }
@@ -76,21 +73,11 @@ void chunk_weight_grad(const Problem<in_t>& p, float* probs, const float* block_
                        float* grad_bias, int64_t R, int64_t VB) {
   const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, rp_max = pad_k<op_t>(R);
   const bool weight = grad_weight_acc || grad_weight_out;
-  std::vector<op_t> packV(weight ? tiles * rp_max * H : 0);  // h as GEMM B, every row tile
-  if (weight) {
-    at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-      std::vector<op_t> tmp(2 * H);
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        const int64_t c0 = t * R, r = std::min(R, C - c0);
-        pack_rows<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, r, H, packV.data() + t * rp_max * H,
-                              tmp.data());
-      }
-    });
-  }
+  const std::vector<op_t> packV = weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
   const int64_t blocks = (V + VB - 1) / VB;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> factor(C), gw_buf(grad_weight_out ? VB * H : 0), tmpf(R);
-    std::vector<op_t> gA(kVnni<op_t> ? VB * rp_max : 0), gA_lo(gA.size());
+    std::vector<float> factor(C), gw_buf(grad_weight_out ? VB * H : 0);
+    std::vector<op_t> gA(kVnni<op_t> ? VB * rp_max : 0);
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
       for (int64_t c = 0; c < C; ++c)  // softmax = probs * exp(m_b - lse); rows without a finite lse add 0
@@ -112,19 +99,8 @@ void chunk_weight_grad(const Problem<in_t>& p, float* probs, const float* block_
       if (!grad_weight_acc) std::fill_n(gw, vb * H, 0.0f);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t c0 = t * R, r = std::min(R, C - c0);
-        const op_t* B = packV.data() + t * rp_max * H;
-        const float* g = probs + v0 * C + c0;
-        if constexpr (kVnni<op_t>) {  // G as bfloat16 hi + lo: two passes
-          const int64_t k = pad_k<op_t>(r);
-          for (int64_t j = 0; j < vb; ++j) {
-            split_hi_lo(g + j * C, r, gA.data() + j * k, gA_lo.data() + j * k, tmpf.data());
-            if (k > r) gA[j * k + r] = gA_lo[j * k + r] = op_t(0.0f);
-          }
-          tile_gemm<op_t>(vb, H, k, gA.data(), k, B, H, gw, H, true);
-          tile_gemm<op_t>(vb, H, k, gA_lo.data(), k, B, H, gw, H, true);
-        } else {
-          tile_gemm<op_t>(vb, H, r, g, C, B, H, gw, H, true);
-        }
+        head_grad_tile<in_t, op_t>(p, probs + v0 * C + c0, C, vb, r, v0, c0, grad_rows + c0,
+                                   packV.data() + t * rp_max * H, gw, gA);
       }
       if (grad_weight_out) convert(gw, grad_weight_out + v0 * H, vb * H);
     }
@@ -133,32 +109,19 @@ void chunk_weight_grad(const Problem<in_t>& p, float* probs, const float* block_
 }
 
 // Phase 2, one task per row tile: grad_hidden rows = G [r, V] W [V, H] (one row's sum: G is
-// rounded to bfloat16 for bfloat16 operands, where phase 1 splits it; csrc/fused_linear.cpp).
+// rounded to bfloat16 for bfloat16 operands; csrc/fused_linear.cpp says why that is enough).
 template <typename in_t, typename op_t>
 void chunk_hidden_grad(const Problem<in_t>& p, const float* probs, in_t* grad_hidden, int64_t gs0, int64_t gs1,
                        int64_t R, int64_t VB) {
-  const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, vbp = pad_k<op_t>(VB);
+  const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R;
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<float> acc(R * H);
-    std::vector<op_t> pA(R * vbp), wB(kVnni<op_t> ? vbp * H : 0), tmp(2 * H);
-    std::vector<op_t> wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
+    HiddenGradBuffers<op_t> buf(R, VB, H, !std::is_same_v<in_t, op_t>);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t c0 = t * R, r = std::min(R, C - c0);
       std::fill_n(acc.begin(), r * H, 0.0f);
-      for (int64_t v0 = 0; v0 < V; v0 += VB) {
-        const int64_t vb = std::min(VB, V - v0), k = pad_k<op_t>(vb);
-        const float* g = probs + v0 * C + c0;
-        if constexpr (kVnni<op_t>) {  // one row's sum: G rounded to bfloat16 (csrc/fused_linear.cpp)
-          transpose_to<op_t>(g, vb, C, r, pA.data(), k);
-          pack_rows<in_t, op_t>([&](int64_t j) { return p.wrow(v0 + j); }, vb, H, wB.data(), tmp.data());
-          tile_gemm<op_t>(r, H, k, pA.data(), k, wB.data(), H, acc.data(), H, true);
-        } else {
-          int64_t lda;
-          const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);
-          transpose_to<op_t>(g, vb, C, r, pA.data(), k);
-          tile_gemm<op_t>(r, H, k, pA.data(), k, W, lda, acc.data(), H, true);
-        }
-      }
+      for (int64_t v0 = 0; v0 < V; v0 += VB)
+        hidden_grad_tile<in_t, op_t>(p, probs + v0 * C + c0, C, std::min(VB, V - v0), r, v0, acc.data(), buf);
       for (int64_t i = 0; i < r; ++i)
         convert(acc.data() + i * H, grad_hidden + p.row_n[c0 + i] * gs0 + p.row_t[c0 + i] * gs1, H);
     }
@@ -196,16 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_chunk_forward(
   float *o0 = label.data_ptr<float>(), *o1 = lse.data_ptr<float>(), *o2 = sum.data_ptr<float>(),
         *o3 = share.data_ptr<float>();
   float *pr = probs.data_ptr<float>(), *bm = block_max.data_ptr<float>();
-#define FASTDPO_RUN(in_t, op_t)                                                                              \
-  chunk_forward_kernel<in_t, op_t>(problem<in_t>(hidden, weight, bias, row_n, row_t, labels), pr, bm, row_tile, \
-                                   vocab_tile, o0, o1, o2, o3)
-  switch (operands(hidden, half_operands)) {
-    case Operands::f32: FASTDPO_RUN(float, float); break;
-    case Operands::bf16: FASTDPO_RUN(at::BFloat16, at::BFloat16); break;
-    case Operands::bf16_as_f32: FASTDPO_RUN(at::BFloat16, float); break;
-    case Operands::f16_as_f32: FASTDPO_RUN(at::Half, float); break;
-  }
-#undef FASTDPO_RUN
+  dispatch_operands(hidden, half_operands, [&](auto in, auto op) {
+    using in_t = decltype(in);
+    chunk_forward_kernel<in_t, decltype(op)>(problem<in_t>(hidden, weight, bias, row_n, row_t, labels), pr, bm,
+                                             row_tile, vocab_tile, o0, o1, o2, o3);
+  });
   return {label, lse, sum, share};
 }
 
@@ -258,16 +216,12 @@ void linear_chunk_backward(at::Tensor& probs, const at::Tensor& block_max, const
     check_rows_vector(*grad_bias, V, "grad_bias");
   }
   if (C == 0) return;
-#define FASTDPO_RUN(in_t, op_t)                                                                                   \
-  run_chunk_backward<in_t, op_t>(problem<in_t>(hidden, weight, bias, row_n, row_t, labels), probs, block_max, lse, \
-                                 label_share, grad_rows, grad_hidden, grad_weight, grad_bias, row_tile, vocab_tile)
-  switch (operands(hidden, half_operands)) {
-    case Operands::f32: FASTDPO_RUN(float, float); break;
-    case Operands::bf16: FASTDPO_RUN(at::BFloat16, at::BFloat16); break;
-    case Operands::bf16_as_f32: FASTDPO_RUN(at::BFloat16, float); break;
-    case Operands::f16_as_f32: FASTDPO_RUN(at::Half, float); break;
-  }
-#undef FASTDPO_RUN
+  dispatch_operands(hidden, half_operands, [&](auto in, auto op) {
+    using in_t = decltype(in);
+    run_chunk_backward<in_t, decltype(op)>(problem<in_t>(hidden, weight, bias, row_n, row_t, labels), probs,
+                                           block_max, lse, label_share, grad_rows, grad_hidden, grad_weight,
+                                           grad_bias, row_tile, vocab_tile);
+  });
 }
 
 }  // namespace

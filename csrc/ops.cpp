@@ -35,7 +35,8 @@ TORCH_LIBRARY(fastdpo, m) {
   m.def("softmax_grad_tile_(Tensor(a!) tile, Tensor labels_local, Tensor lse, Tensor grad_rows) -> ()");
   m.def(
       "linear_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor(a!)? hidden_grad, int row_tile, int vocab_tile, bool half_operands) -> (Tensor, Tensor, Tensor)");
+      "Tensor(a!)? hidden_grad, int row_tile, int vocab_tile, bool half_operands, bool statistics=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_weight_grad(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
       "Tensor lse, Tensor grad_rows, bool need_weight, bool need_bias, int row_tile, int vocab_tile, "

@@ -34,9 +34,20 @@ from fastdpo.backends.common import counted_rows
 from fastdpo.linear import check_linear_inputs, fused_linear_logps
 from fastdpo.logps import FusedLogps
 
-# Float32 softmax tiles a chunk may keep, by default: 256 MiB holds two pairs of 1024 tokens
-# with a 32k vocabulary (about 0.25x what the logits of a 2-pair batch take in float32).
-DEFAULT_MEMORY_BUDGET_MIB = 256.0
+# Float32 softmax tiles a chunk may keep, by default (None): what the float32 logits of the
+# batch, [2B, T, V], would take - the counted rows of a batch with some ignored labels fit in one
+# chunk. Liger's chunked loss works in about twice that eager and about as much compiled
+# (measured: docs/fused_linear.md); a number of MiB caps it, 0 always recomputes.
+DEFAULT_MEMORY_BUDGET_MIB = None
+
+
+def budget_bytes(memory_budget_mib: float | None, hidden: torch.Tensor, vocab: int) -> int:
+    """The byte budget of ``memory_budget_mib`` for ``[2B, T, H]`` hidden states (see above)."""
+    if memory_budget_mib is None:
+        return 4 * hidden.shape[0] * hidden.shape[1] * vocab
+    return int(memory_budget_mib * 2**20)
+
+
 BATCH_LOSSES = frozenset({"aot", "aot_pair", "aot_unpaired", "sft"})
 
 
@@ -203,7 +214,7 @@ def loss_in_forward(module, hidden, weight, bias, labels, compute_reference, ref
     per-token option, no gradient wanted, or the budget too small)."""
     types = {module.loss_type} if isinstance(module.loss_type, str) else set(module.loss_type)
     needs_grad = any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    if not (torch.is_grad_enabled() and needs_grad) or types & BATCH_LOSSES or module.memory_budget_mib <= 0:
+    if not (torch.is_grad_enabled() and needs_grad) or types & BATCH_LOSSES or module.memory_budget_mib == 0:
         return None
     if module.needs_statistics or module.ld_alpha is not None:  # per-token outputs: see the docstring
         return None
@@ -218,7 +229,7 @@ def loss_in_forward(module, hidden, weight, bias, labels, compute_reference, ref
     v = weight.shape[0]
     row_bytes = 4 * (v + -(-v // plan.vocab_tile))  # the row's softmax tiles and block maxima
     accumulator = 0 if weight.dtype == torch.float32 else 4 * weight.numel()
-    budget = int(module.memory_budget_mib * 2**20)
+    budget = budget_bytes(module.memory_budget_mib, hidden, v)
     chunks = chunk_pairs((per_seq[:pairs] + per_seq[pairs:]).tolist(), row_bytes, budget, accumulator)
     if chunks is None:
         return None

@@ -386,12 +386,13 @@ class FusedLinearDPOLoss(_DPOLossBase):
     ``memory_budget_mib``: the float32 softmax tiles the native backend may keep to skip the
     backward's recompute of the logits (fastdpo/linear_dpo.py: per-pair losses only; ``aot*``
     and ``sft`` always recompute, and so do ``use_weighting``, ``ld_alpha`` and
-    ``token_metrics``, whose per-token outputs that kernel does not make; 0 always recomputes).
+    ``token_metrics``, whose per-token outputs that kernel does not make; 0 always recomputes;
+    ``None``, the default, allows what the float32 logits of the batch would take).
     """
 
-    def __init__(self, *args, memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
+    def __init__(self, *args, memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if check_number("memory_budget_mib", memory_budget_mib) < 0:
+        if memory_budget_mib is not None and check_number("memory_budget_mib", memory_budget_mib) < 0:
             raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
         self.memory_budget_mib = memory_budget_mib
 

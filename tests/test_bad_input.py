@@ -209,7 +209,6 @@ BAD = [
     # FusedLinearDPOLoss(memory_budget_mib=...): MiB of softmax tiles kept for the backward; 0 keeps none
     Bad("budget -1", FUSED_LOSS, _option(memory_budget_mib=-1), ValueError, "memory_budget_mib must be >= 0"),
     Bad("budget '64'", FUSED_LOSS, _option(memory_budget_mib="64"), TypeError, BUDGET_NUMBER),
-    Bad("budget None", FUSED_LOSS, _option(memory_budget_mib=None), TypeError, BUDGET_NUMBER),
     Bad("budget True", FUSED_LOSS, _option(memory_budget_mib=True), TypeError, BUDGET_NUMBER),
     Bad("budget nan", FUSED_LOSS, _option(memory_budget_mib=NAN), ValueError, BUDGET_FINITE),
     Bad("budget inf", FUSED_LOSS, _option(memory_budget_mib=INF), ValueError, BUDGET_FINITE),

@@ -131,22 +131,22 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 """
 
 
+def thread_digests(script: str, forced: str) -> list[str]:
+    """What ``script`` prints in fresh processes with 1 and 2 threads (the thread pool is set
+    before any work), on the operand path ``forced``."""
+    env = dict(os.environ, **{native_linear.OPERANDS_ENV: forced})
+    run = [sys.executable, "-c", script]
+    return [
+        subprocess.run(run + [str(n)], env=env, capture_output=True, text=True, check=True).stdout
+        for n in (1, 2)
+    ]
+
+
 @pytest.mark.parametrize("forced", ["auto", "float32"])
 def test_bitwise_equal_for_one_and_two_threads(forced):
-    """Fresh processes (the thread pool is set before any work): the loss, log-probs and every
-    gradient hash the same with 1 and 2 threads, on both operand paths, with and without the
-    logits recompute."""
-    env = dict(os.environ, **{native_linear.OPERANDS_ENV: forced})
-    digests = [
-        subprocess.run(
-            [sys.executable, "-c", _DETERMINISM, str(threads)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for threads in (1, 2)
-    ]
+    """The loss, log-probs and every gradient hash the same with 1 and 2 threads, on both
+    operand paths, with and without the logits recompute."""
+    digests = thread_digests(_DETERMINISM, forced)
     assert digests[0].count("torch.") == 6 and digests[0] == digests[1]
 
 
@@ -185,6 +185,9 @@ def test_opcheck():
     grad = torch.zeros_like(hidden)
     torch.library.opcheck(torch.ops.fastdpo.linear_forward, (hidden, weight, bias, n, t, y, grad, 4, 4, True))
     torch.library.opcheck(torch.ops.fastdpo.linear_forward, (hidden, weight, None, n, t, y, None, 4, 4, True))
+    torch.library.opcheck(
+        torch.ops.fastdpo.linear_forward, (hidden, weight, bias, n, t, y, grad, 4, 4, True, True)
+    )
     lse = torch.ops.fastdpo.linear_forward(hidden, weight, bias, n, t, y, None, 4, 4, True)[1]
     args = (hidden, weight, bias, n, t, y, lse, torch.randn(8), True, True, 4, 4, True)
     torch.library.opcheck(torch.ops.fastdpo.linear_weight_grad, args)

@@ -10,7 +10,7 @@ from test_linear import make_linear
 from fastdpo import FusedLinearDPOLoss
 from fastdpo.backends import native_linear
 from fastdpo.functional import preference_loss
-from fastdpo.linear_dpo import chunk_pairs
+from fastdpo.linear_dpo import budget_bytes, chunk_pairs
 
 OPTIONS = {
     "sigmoid": dict(),
@@ -184,3 +184,17 @@ def test_precomputed_reference_and_reference_free():
     torch.testing.assert_close(pre.loss, shared.loss)
     free = FusedLinearDPOLoss(backend="native", reference_free=True)(x, weight, labels, bias=bias)
     assert (free.ref_chosen_logps == 0).all() and type(free.loss.grad_fn).__name__ == "_LossInForwardBackward"
+
+
+def test_default_budget_is_the_float32_logits_of_the_batch():
+    hidden, weight, bias, labels, ref_hidden = _inputs()
+    n, t, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    assert FusedLinearDPOLoss().memory_budget_mib is None
+    assert budget_bytes(None, hidden, v) == 4 * n * t * v
+    assert budget_bytes(1.5, hidden, v) == int(1.5 * 2**20)
+    out, _ = _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, labels, ref_hidden)
+    assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"
+    # Every label counted: T - 1 rows of V + 1 floats (a block maximum) per sequence fit in T x V.
+    full = labels.clamp(min=0)
+    out, _ = _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, full, ref_hidden)
+    assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"

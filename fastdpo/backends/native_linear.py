@@ -21,6 +21,8 @@ import torch
 from fastdpo.backends.linear_tiles import Rows, TilePlan
 
 OPERANDS_ENV = "FASTDPO_LINEAR_OPERANDS"
+# forward_tiles(..., statistics=True) folds the token statistics (fastdpo/linear.py checks this).
+SUPPORTS_STATISTICS = True
 # Rows per task and vocabulary entries per block. A task owns its rows (forward) or its block
 # (weight gradient) and runs its tiles in a fixed order, so the tile shape - never the thread
 # count - decides the arithmetic. 256 rows keep a [256, H] float32 accumulator and the packed
@@ -39,8 +41,23 @@ def _register() -> None:
     import fastdpo._C  # noqa: F401  (loading the library registers the ops)
 
     @torch.library.register_fake("fastdpo::linear_forward")
-    def _(hidden, weight, bias, row_n, row_t, labels, hidden_grad, row_tile, vocab_tile, half_operands):
-        return tuple(row_n.new_empty(row_n.shape, dtype=torch.float32) for _ in range(3))
+    def _(
+        hidden,
+        weight,
+        bias,
+        row_n,
+        row_t,
+        labels,
+        hidden_grad,
+        row_tile,
+        vocab_tile,
+        half_operands,
+        statistics=False,
+    ):
+        rows = row_n.shape[0]
+        stats = rows if statistics else 0
+        f32 = [row_n.new_empty((n,), dtype=torch.float32) for n in (rows, rows, rows, stats, stats)]
+        return (*f32, row_n.new_empty((stats,), dtype=torch.bool))
 
     @torch.library.register_fake("fastdpo::linear_weight_grad")
     def _(hidden, weight, bias, row_n, row_t, labels, lse, grad_rows, need_weight, need_bias, *tiles):
@@ -79,15 +96,31 @@ def _args(hidden, weight, rows: Rows):
     return hidden, weight, rows.n.contiguous(), rows.t.contiguous(), rows.label.contiguous()
 
 
-def forward_tiles(hidden, weight, bias, rows: Rows, kernels, plan: TilePlan, hidden_grad=None):
+def forward_tiles(
+    hidden, weight, bias, rows: Rows, kernels, plan: TilePlan, hidden_grad=None, statistics=False
+):
     """Per counted row ``(label_logit, lse, logit_sum)``, float32 ``[C]``; with ``hidden_grad``
     (zeros, ``hidden``'s shape and dtype) each counted row of it receives
-    ``d log_softmax(x)[label] / d h`` (see fastdpo/backends/linear_tiles.py for the contract)."""
+    ``d log_softmax(x)[label] / d h`` (see fastdpo/backends/linear_tiles.py for the contract).
+    With ``statistics=True`` also the row's entropy, ``log sum p^2`` (float32) and whether the
+    label is the first maximum (bool), folded from the same float32 tiles (docs/fused_linear.md);
+    the first three results are bitwise the same either way."""
     _register()
     hidden, weight, n, t, label = _args(hidden, weight, rows)
-    return torch.ops.fastdpo.linear_forward(
-        hidden, weight, bias, n, t, label, hidden_grad, plan.row_tile, plan.vocab_tile, half_operands()
+    out = torch.ops.fastdpo.linear_forward(
+        hidden,
+        weight,
+        bias,
+        n,
+        t,
+        label,
+        hidden_grad,
+        plan.row_tile,
+        plan.vocab_tile,
+        half_operands(),
+        statistics,
     )
+    return out if statistics else out[:3]
 
 
 def weight_grad_tiles(

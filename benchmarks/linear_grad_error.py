@@ -1,0 +1,74 @@
+"""How exact the native fused linear kernel's gradients are in bfloat16 (docs/fused_linear.md).
+
+    python -m benchmarks.linear_grad_error [--shape N T H V] [--budget MIB]
+
+For bfloat16 inputs (hidden states, head, bias), the DPO-like objective ``sum(w * logp)`` of
+``fused_linear_logps`` with random per-sequence weights, the gradients of hidden, weight and
+bias on the default path (bfloat16 GEMM operands where the CPU has them) and with float32
+operands forced (``FASTDPO_LINEAR_OPERANDS=float32``), each against float64 on the same inputs.
+Printed per gradient: RMS and max absolute error, and both as a multiple of the error that
+rounding the float64 gradient to bfloat16 makes (1.0: as exact as the output dtype allows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from benchmarks.ground_truth import make_linear
+from fastdpo import fused_linear_logps
+from fastdpo.backends import native_linear
+
+
+def gradients(hidden, weight, bias, labels, weights, dtype=torch.float64):
+    """Gradients of sum(weights * sequence_logps) in float64 (``dtype``) or by the kernel (None)."""
+    x = [z.detach().clone() for z in (hidden, weight, bias)]
+    if dtype is not None:
+        x = [z.to(dtype) for z in x]
+    x = [z.requires_grad_(True) for z in x]
+    if dtype is None:
+        seq = fused_linear_logps(x[0], x[1], labels, bias=x[2], backend="native").sequence_logps
+    else:
+        logits = x[0] @ x[1].T + x[2]
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        seq = torch.where(target != -100, logp, 0.0).sum(-1)
+    (seq * weights.to(seq.dtype)).sum().backward()
+    return [z.grad for z in x]
+
+
+def errors(got, exact):
+    """(RMS, max) absolute error of ``got``, and each over that of ``exact`` rounded to bfloat16."""
+    rounded = exact.to(torch.bfloat16).double() - exact
+    err = got.double() - exact
+    rms, worst = err.square().mean().sqrt().item(), err.abs().max().item()
+    return rms, worst, rms / rounded.square().mean().sqrt().item(), worst / rounded.abs().max().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shape", nargs=4, type=int, default=[4, 512, 1024, 8192], metavar=("N", "T", "H", "V")
+    )
+    args = parser.parse_args()
+    n, t, h, v = args.shape
+    hidden, weight, bias, labels = make_linear(n, t, h, v, torch.bfloat16, weight_scale=h**-0.5 * 4)
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    exact = gradients(hidden, weight, bias, labels, weights)
+    print(f"shape N={n} T={t} H={h} V={v}, bfloat16 inputs; errors against float64")
+    print("path              grad    RMS err   max err   RMS / bf16 rounding   max / bf16 rounding")
+    for path in ("auto", "float32"):
+        os.environ[native_linear.OPERANDS_ENV] = path
+        operands = native_linear.operand_dtype(torch.bfloat16, h)
+        got = gradients(hidden, weight, bias, labels, weights, dtype=None)
+        for name, g, e in zip(("hidden", "weight", "bias"), got, exact):
+            rms, worst, rms_x, worst_x = errors(g, e)
+            print(f"{str(operands):17} {name:7} {rms:9.2e} {worst:9.2e}   {rms_x:19.2f}   {worst_x:19.2f}")
+
+
+if __name__ == "__main__":
+    main()
