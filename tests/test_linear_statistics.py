@@ -14,7 +14,9 @@ from fastdpo.backends import get_backend
 from tests.helpers import DTYPES, assert_close_verbose, make_linear
 
 # Backends whose fused linear loops compute the statistics; a backend joins by adding its name.
-LINEAR_STAT_BACKENDS = ["torch", "triton"]
+LINEAR_STAT_BACKENDS = ["torch", "native", "triton"]
+# Backends whose tile kernels (lse_fold, stats_fold) run linear_tiles' loops; native runs its own in C++.
+TILE_KERNEL_BACKENDS = ["torch", "triton"]
 # (N, T, H, V, row_tile, vocab_tile): ragged row and vocabulary tiles, one tile, T of 2, a
 # vocabulary smaller than a tile, and the default plan (None, None).
 CASES = [(4, 9, 16, 37, 5, 8), (2, 2, 8, 5, 64, 512), (6, 7, 24, 130, 4, 64), (2, 12, 5, 33, None, None)]
@@ -183,7 +185,7 @@ def test_stats_fold_is_lse_fold_plus_the_running_sums():
     shift = torch.where(run_max == -torch.inf, 0.0, run_max.double() - origin) * run_sum.double()
     want_weighted = rescale * (run_weighted.double() + shift) + (e * centred).sum(1)
     want_sq = rescale**2 * run_sq.double() + (e * e).sum(1)
-    for name in LINEAR_STAT_BACKENDS:
+    for name in TILE_KERNEL_BACKENDS:
         kernels = get_backend(name)
         plain_tile, stats_tile = tile.clone(), tile.clone()
         plain = kernels.lse_fold(plain_tile, run_max, run_sum)

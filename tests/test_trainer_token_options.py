@@ -24,6 +24,8 @@ from fastdpo.train.step_metrics import StepSums
 PATHS = {
     "logits-torch": dict(fused_linear=False, backend="torch"),
     "linear-torch": dict(fused_linear=True, backend="torch"),
+    "logits-native": dict(fused_linear=False, backend="native"),
+    "linear-native": dict(fused_linear=True, backend="native"),
 }
 
 
