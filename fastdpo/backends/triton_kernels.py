@@ -228,23 +228,25 @@ def _backward_kernel(
         tl.store(out_ptr, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_forward(
+    kernel, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, **outputs
+):
+    """Run one of the forward kernels (one program per output position) and reduce its per-row
+    results: (token_logps, lse, sequence_logps, logit_sums). ``outputs`` are the statistics
+    kernel's extra output pointers."""
     n, time, vocab = logits.shape
     out_t = out_len(time, shift)
     stats = dict(dtype=stats_dtype(logits.dtype), device=logits.device)
-    token_logps = torch.empty(n, out_t, **stats)
-    lse = torch.empty(n, out_t, **stats)
-    row_sums = torch.empty(n, out_t, **stats)
+    token_logps, lse, row_sums = (torch.empty(n, out_t, **stats) for _ in range(3))
     if n * out_t > 0:
         block, warps = launch_config(vocab)
-        wrap_triton(_forward_kernel)[(n * out_t,)](
+        wrap_triton(kernel)[(n * out_t,)](
             logits_ptr=logits,
             labels_ptr=labels,
             token_ptr=token_logps,
             lse_ptr=lse,
             row_sum_ptr=row_sums,
+            **outputs,
             T=time,
             T_out=out_t,
             V=vocab,
@@ -261,6 +263,12 @@ def _forward(
     return token_logps, lse, sequence_logps, logit_sums
 
 
+def _forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # custom_op reads the annotation
+    return _launch_forward(_forward_kernel, logits, labels, ignore_index, shift)
+
+
 def _forward_statistics(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
 ) -> tuple[
@@ -273,38 +281,22 @@ def _forward_statistics(
     torch.Tensor,
     torch.Tensor,
 ]:
-    n, time, vocab = logits.shape
-    out_t = out_len(time, shift)
-    stats = dict(dtype=stats_dtype(logits.dtype), device=logits.device)
-    token_logps, lse, row_sums = (torch.empty(n, out_t, **stats) for _ in range(3))
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    entropy, log_sum_sq, mean_logits = (torch.empty(n, out_t, **f32) for _ in range(3))
-    is_top1 = torch.empty(n, out_t, dtype=torch.bool, device=logits.device)
-    if n * out_t > 0:
-        block, warps = launch_config(vocab)
-        wrap_triton(_forward_statistics_kernel)[(n * out_t,)](
-            logits_ptr=logits,
-            labels_ptr=labels,
-            token_ptr=token_logps,
-            lse_ptr=lse,
-            row_sum_ptr=row_sums,
-            entropy_ptr=entropy,
-            log_sum_sq_ptr=log_sum_sq,
-            top1_ptr=is_top1.view(torch.uint8),  # bytes 0 / 1: a bool tensor's storage
-            mean_ptr=mean_logits,
-            T=time,
-            T_out=out_t,
-            V=vocab,
-            stride_n=logits.stride(0),
-            stride_t=logits.stride(1),
-            ignore_index=ignore_index,
-            SHIFT=int(shift),
-            BLOCK_V=block,
-            num_warps=warps,
-        )
-    sequence_logps = token_logps.sum(-1, dtype=torch.float64).to(token_logps.dtype)
-    logit_sums = row_sums.sum(-1, dtype=torch.float64).to(token_logps.dtype)
-    return token_logps, lse, sequence_logps, logit_sums, entropy, log_sum_sq, is_top1, mean_logits
+    n, time, _ = logits.shape
+    per_position = dict(size=(n, out_len(time, shift)), device=logits.device)
+    entropy, log_sum_sq, mean_logits = (torch.empty(**per_position, dtype=torch.float32) for _ in range(3))
+    is_top1 = torch.empty(**per_position, dtype=torch.bool)
+    base = _launch_forward(
+        _forward_statistics_kernel,
+        logits,
+        labels,
+        ignore_index,
+        shift,
+        entropy_ptr=entropy,
+        log_sum_sq_ptr=log_sum_sq,
+        top1_ptr=is_top1.view(torch.uint8),  # bytes 0 / 1: a bool tensor's storage
+        mean_ptr=mean_logits,
+    )
+    return (*base, entropy, log_sum_sq, is_top1, mean_logits)
 
 
 def _fake_forward_statistics(logits, labels, ignore_index, shift):
