@@ -48,3 +48,27 @@ def assert_close_verbose(actual, expected, *, atol, rtol=0.0, what=""):
             f"{what}: max error {err.max().item():.3g} > atol {atol} at {worst}: "
             f"actual {actual[worst].item()!r} expected {expected[worst].item()!r}"
         )
+
+
+# Bias -inf over whole vocabulary tiles of 8 (a masked vocabulary; V = 37 is [0, 8) [8, 16)
+# [16, 24) [24, 32) [32, 37)): each tile fold's running max stays -inf until the first allowed tile.
+BIAS_MASKS = {
+    "leading": slice(0, 12),
+    "trailing": slice(20, 37),
+    "interior": slice(8, 24),
+    "all-but-one": [i for i in range(37) if i != 29],
+}
+
+
+def make_masked_linear(dtype, mask: str):
+    """``make_linear(4, 9, 16, 37, dtype)`` with ``BIAS_MASKS[mask]`` masked by a -inf bias and
+    every counted label on an allowed entry (a finite answer); also returns the counted mask."""
+    hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
+    allowed = torch.ones(37, dtype=torch.bool)
+    allowed[BIAS_MASKS[mask]] = False
+    bias[~allowed] = -torch.inf
+    choices = allowed.nonzero().squeeze(1)
+    counted = labels != -100
+    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(2))
+    labels[counted] = choices[pick]
+    return hidden, weight, bias, labels, counted

@@ -11,12 +11,14 @@ import pytest
 import torch
 from helpers import (
     BACKENDS,
+    BIAS_MASKS,
     DTYPES,
     GRAD_TOL,
     LOGP_ATOL,
     assert_close_verbose,
     ground_truth_token_logps,
     make_linear,
+    make_masked_linear,
 )
 
 from fastdpo import DPOLoss, FusedLinearDPOLoss, fused_linear_logps, fused_logps, linear_sequence_logps
@@ -260,28 +262,11 @@ def test_tile_kernels_agree_across_backends():
         torch.testing.assert_close(y, want_grad, atol=1e-5, rtol=1e-5)
 
 
-# Bias -inf over whole vocabulary tiles (a masked vocabulary): each tile fold's running max stays
-# -inf until the first allowed tile. With tiles of 8, V=37 is [0, 8) [8, 16) [16, 24) [24, 32) [32, 37).
-BIAS_MASKS = {
-    "leading": slice(0, 12),
-    "trailing": slice(20, 37),
-    "interior": slice(8, 24),
-    "all-but-one": [i for i in range(37) if i != 29],
-}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", BIAS_MASKS)
 def test_masked_vocabulary_bias(backend, dtype, mask):
-    hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
-    allowed = torch.ones(37, dtype=torch.bool)
-    allowed[BIAS_MASKS[mask]] = False
-    bias[~allowed] = -torch.inf
-    choices = allowed.nonzero().squeeze(1)
-    counted = labels != -100
-    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(2))
-    labels[counted] = choices[pick]  # every label scores an allowed entry: a finite answer
+    hidden, weight, bias, labels, _ = make_masked_linear(dtype, mask)
     _check(backend, hidden, weight, bias, labels, tiles=(5, 8))  # finite, and right
 
 

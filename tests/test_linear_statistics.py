@@ -11,7 +11,7 @@ import torch
 from benchmarks.ground_truth import float64_token_statistics
 from fastdpo import fused_linear_logps
 from fastdpo.backends import get_backend
-from tests.helpers import DTYPES, assert_close_verbose, make_linear
+from tests.helpers import BIAS_MASKS, DTYPES, assert_close_verbose, make_linear, make_masked_linear
 
 # Backends whose fused linear loops compute the statistics; a backend joins by adding its name.
 LINEAR_STAT_BACKENDS = ["torch", "native", "triton"]
@@ -117,28 +117,11 @@ def test_statistics_of_ignored_and_all_ignored_rows_are_zero(backend):
     assert torch.equal(out.statistics.entropy[0, 2:4], torch.zeros(2))  # scores labels[0, 3:5]
 
 
-# Bias -inf over vocabulary tiles of 8 (V = 37: [0, 8) [8, 16) [16, 24) [24, 32) [32, 37)): the
-# running max stays -inf through whole masked tiles, and a masked entry adds 0 to every sum.
-BIAS_MASKS = {
-    "leading": slice(0, 12),
-    "trailing": slice(20, 37),
-    "interior": slice(8, 24),
-    "all-but-one": [i for i in range(37) if i != 29],
-}
-
-
 @pytest.mark.parametrize("backend", LINEAR_STAT_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask", BIAS_MASKS)
 def test_statistics_of_masked_vocabularies(backend, dtype, mask):
-    hidden, weight, bias, labels = make_linear(4, 9, 16, 37, dtype)
-    allowed = torch.ones(37, dtype=torch.bool)
-    allowed[BIAS_MASKS[mask]] = False
-    bias[~allowed] = -torch.inf
-    choices = allowed.nonzero().squeeze(1)
-    counted = labels != -100
-    pick = torch.randint(len(choices), (int(counted.sum()),), generator=torch.Generator().manual_seed(2))
-    labels[counted] = choices[pick]
+    hidden, weight, bias, labels, counted = make_masked_linear(dtype, mask)
     out = check_statistics(hidden, weight, bias, labels, backend, tiles=(5, 8))
     if mask == "all-but-one":  # one possible token: p = 1, entropy 0, log sum p^2 = 0, top-1
         stats = out.statistics
