@@ -89,11 +89,9 @@ def _forward(hidden, weight, bias, s: _Settings, positions: int, hidden_grad: to
     """(token_logps, sequence_logps, logit_sums, lse of the counted rows, statistics): the
     statistics are the four ``[N, T']`` fields of TokenStatistics, or none (an empty tuple)."""
     rows = s.rows
-    # Only asked for when wanted: a loop module that predates the option need not know it.
-    options = {"statistics": True} if s.statistics else {}
     with _no_autocast(hidden):
         label_logit, lse, logit_sum, *per_row = _loops(s).forward_tiles(
-            hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad, **options
+            hidden, weight, bias, rows, s.kernels, s.plan, hidden_grad, statistics=s.statistics
         )
     picked = label_logit - lse
     shape = (hidden.shape[0], positions)
@@ -225,17 +223,10 @@ def fused_linear_logps(
 
 
 def _check_statistics_supported(kernels: Backend) -> None:
-    """The native backend runs its own C++ loops, which gain the statistics separately
-    (``native_linear.SUPPORTS_STATISTICS``); other backends need a ``stats_fold`` tile kernel."""
-    if kernels.name == "native":
-        from fastdpo.backends import native_linear
-
-        supported = getattr(native_linear, "SUPPORTS_STATISTICS", False)
-    else:
-        supported = kernels.stats_fold is not None
-    if not supported:
-        kind = "native fused linear kernel" if kernels.name == "native" else f"{kernels.name!r} tile kernels"
-        raise ValueError(f"statistics=True is not implemented by the {kind} yet")
+    """The native backend's C++ loops fold the statistics themselves; the loops of linear_tiles
+    need the backend's ``stats_fold`` tile kernel."""
+    if kernels.name != "native" and kernels.stats_fold is None:
+        raise ValueError(f"statistics=True is not implemented by the {kernels.name!r} tile kernels")
 
 
 def linear_token_logps(

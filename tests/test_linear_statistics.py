@@ -180,16 +180,16 @@ def test_stats_fold_is_lse_fold_plus_the_running_sums():
         assert top.dtype == torch.int64 and top.tolist()[:5] == tile.argmax(1).tolist()[:5], name
 
 
-def test_native_kernel_without_statistics_refuses_them(monkeypatch):
-    """Until the C++ loops compute the statistics (``native_linear.SUPPORTS_STATISTICS``), asking
-    the native backend for them is a clear error, not a silent None."""
-    if get_backend("native") is None:
-        pytest.skip("the native extension is not built")
-    from fastdpo.backends import native_linear
+def test_tile_kernels_without_statistics_refuse_them(monkeypatch):
+    """Tile kernels without a ``stats_fold``: asking for statistics is a clear error, not a silent None."""
+    import dataclasses
 
-    monkeypatch.setattr(native_linear, "SUPPORTS_STATISTICS", False, raising=False)
+    from fastdpo import linear
+
+    bare = dataclasses.replace(get_backend("torch"), stats_fold=None)
+    monkeypatch.setattr(linear, "resolve_backend", lambda name, device: bare)
     hidden, weight, bias, labels = make_linear(2, 4, 6, 11, torch.float32)
-    with pytest.raises(ValueError, match="statistics=True is not implemented by the native fused linear"):
-        fused_linear_logps(hidden, weight, labels, bias=bias, backend="native", statistics=True)
-    plain = fused_linear_logps(hidden, weight, labels, bias=bias, backend="native")
+    with pytest.raises(ValueError, match="statistics=True is not implemented by the 'torch' tile kernels"):
+        fused_linear_logps(hidden, weight, labels, bias=bias, statistics=True)
+    plain = fused_linear_logps(hidden, weight, labels, bias=bias)
     assert plain.statistics is None

@@ -122,7 +122,3 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 def test_bitwise_equal_for_one_and_two_threads(forced):
     digests = thread_digests(_THREADS, forced)
     assert digests[0].count("torch.") == 3 and digests[0] == digests[1]
-
-
-def test_supports_statistics_flag():
-    assert native_linear.SUPPORTS_STATISTICS is True

@@ -21,8 +21,6 @@ import torch
 from fastdpo.backends.linear_tiles import Rows, TilePlan
 
 OPERANDS_ENV = "FASTDPO_LINEAR_OPERANDS"
-# forward_tiles(..., statistics=True) folds the token statistics (fastdpo/linear.py checks this).
-SUPPORTS_STATISTICS = True
 # Rows per task and vocabulary entries per block. A task owns its rows (forward) or its block
 # (weight gradient) and runs its tiles in a fixed order, so the tile shape - never the thread
 # count - decides the arithmetic. 256 rows keep a [256, H] float32 accumulator and the packed
