@@ -154,7 +154,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     out = {}
     for dtype in ("fp32", "bf16", "fp16"):
         types = {"logits_ptr": "*" + dtype, "labels_ptr": "*i64", "top1_ptr": "*u8"}
-        out["forward-" + dtype] = compile_kernel(tk._forward_statistics_kernel, types, {"SHIFT": 1, "BLOCK_V": 4096})
+        for flag in (0, 1):
+            out[f"forward-{dtype}-{flag}"] = compile_kernel(
+                tk._forward_kernel, types, {"SHIFT": 1, "BLOCK_V": 4096, "STATISTICS": flag}
+            )
     for flag in (0, 1):
         out[f"fold-{flag}"] = compile_kernel(tt._lse_fold_kernel, {"top_ptr": "*i64"}, {"BLOCK": 1024, "STATISTICS": flag})
     print(json.dumps(out))
@@ -163,8 +166,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 
 def test_triton_statistics_kernels_compile_for_a_gpu():
-    """The statistics kernel compiles for sm_80 in the three dtypes with its strides widened to
-    int64 before any arithmetic; the tile fold without its STATISTICS flag compiles to the plain
+    """The forward kernel with its STATISTICS flag compiles for sm_80 in the three dtypes with its
+    strides widened to int64 before any arithmetic, and without the flag stores only the plain
+    outputs; the tile fold without its STATISTICS flag compiles to the plain
     fold (4 outputs and the tile stored, 2 exponentials), the flag adds the statistics' work."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -174,8 +178,11 @@ def test_triton_statistics_kernels_compile_for_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = json.loads(result.stdout.strip().splitlines()[-1])
     for dtype in ("fp32", "bf16", "fp16"):
-        strides = kernels[f"forward-{dtype}"]["strides"]
+        strides = kernels[f"forward-{dtype}-1"]["strides"]
         assert strides and all("arith.extsi" in line and "i32 to i64" in line for line in strides), strides
+        # without the flag the statistics' stores compile away: 3 outputs at each of the two exits
+        assert kernels[f"forward-{dtype}-0"]["stores"] == 6, kernels[f"forward-{dtype}-0"]
+        assert kernels[f"forward-{dtype}-1"]["stores"] == 14, kernels[f"forward-{dtype}-1"]
     assert kernels["fold-0"]["stores"] == 5 and kernels["fold-0"]["exps"] == 2, kernels["fold-0"]
     assert kernels["fold-1"]["stores"] == 8, kernels["fold-1"]
 

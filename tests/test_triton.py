@@ -114,9 +114,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from fastdpo.backends import triton_kernels as tk
 
     def compile_kernel(fn, dtype, names, grad_dtype=None):
+        # the plain forward: its STATISTICS flag off (tests/test_statistics.py compiles it on)
+        constexprs = {k: v for k, v in {"SHIFT": 1, "BLOCK_V": 4096, "STATISTICS": 0}.items() if k in names}
         signature = {}
         for name in names:
-            if name in ("SHIFT", "BLOCK_V"):
+            if name in constexprs:
                 signature[name] = "constexpr"
             elif name in ("logits_ptr", "grad_ptr"):
                 signature[name] = "*" + dtype
@@ -129,7 +131,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         # what Triton's launcher specialises at run time for aligned rows and strides
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
                    if name.endswith("_ptr") or "stride" in name or name == "V"}
-        src = ASTSource(fn=fn, signature=signature, constexprs={"SHIFT": 1, "BLOCK_V": 4096}, attrs=aligned)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
         kernel = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": 8})
         ttir, ptx = kernel.asm["ttir"], kernel.asm["ptx"]
         strides = [l for l in ttir.splitlines() if re.search(r"%(grad_)?stride_[nt][ ,)]", l) and "tt.func" not in l]

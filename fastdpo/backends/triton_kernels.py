@@ -8,9 +8,9 @@ design are argued in docs/triton.md. In short:
   max / sum of exponentials in float32 and write the token log-prob, the row's log-sum-exp and
   the row's logit sum. The per-sequence sums are then reduced by ``torch.sum`` over the
   ``[N, T']`` rows in float64: a fixed order, no atomics, so results are bitwise reproducible.
-- forward_statistics: the forward kernel's twin that also folds the token statistics (entropy,
-  log sum p^2, first-maximum top-1, mean logit) into the same online pass over the row; a
-  kernel of its own, so the plain forward's cost is untouched.
+- forward_statistics: the same kernel with its compile-time ``STATISTICS`` flag on, which also
+  folds the token statistics (entropy, log sum p^2, first-maximum top-1, mean logit) into the
+  same online pass over the row; with the flag off that work compiles away.
 - backward: one program per (logits row, vocabulary block): ``g * (onehot(label) - exp(x - lse))``,
   one read and one write per element; rows that score nothing get zeros without being read.
 
@@ -57,60 +57,6 @@ def _forward_kernel(
     token_ptr,
     lse_ptr,
     row_sum_ptr,
-    T,
-    T_out,
-    V,
-    stride_n,
-    stride_t,
-    ignore_index,
-    SHIFT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    pos = tl.program_id(0).to(tl.int64)  # output position n * T_out + t
-    n = pos // T_out
-    t = pos - n * T_out
-    # The shift is an index: logits row t scores label t + 1.
-    label = tl.load(labels_ptr + n * T + t + SHIFT)
-    if label == ignore_index:
-        # Nothing to score: the row is never read (it may hold anything, NaN included).
-        tl.store(token_ptr + pos, 0.0)
-        tl.store(lse_ptr + pos, 0.0)
-        tl.store(row_sum_ptr + pos, 0.0)
-    else:
-        row_ptr = logits_ptr + _row_offset(n, t, stride_n, stride_t)
-        # Online log-sum-exp: a running max m and sum s of exp(x - m), rescaled when m grows,
-        # so each element is loaded once and exponentiated once, all in float32.
-        m = -float("inf")
-        s = 0.0
-        total = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            in_row = cols < V
-            x = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # Subtract 0 while every logit so far is -inf (a masked vocabulary block): the terms
-            # are then exp(-inf) = 0, where subtracting -inf would give exp(-inf - -inf) = NaN.
-            offset = tl.where(m_new == -float("inf"), 0.0, m_new)
-            s = s * tl.exp(m - offset) + tl.sum(tl.exp(x - offset), axis=0)
-            total += tl.sum(tl.where(in_row, x, 0.0), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        # One element, just streamed through the cache. Masked so that a label outside [0, V)
-        # (the public API rejects those before launching) gives NaN, not an out-of-bounds read.
-        label_ok = (label >= 0) & (label < V)
-        x_label = tl.load(row_ptr + label, mask=label_ok, other=float("nan")).to(tl.float32)
-        tl.store(token_ptr + pos, x_label - lse)
-        tl.store(lse_ptr + pos, lse)
-        tl.store(row_sum_ptr + pos, total)
-
-
-@triton.jit
-def _forward_statistics_kernel(
-    logits_ptr,
-    labels_ptr,
-    token_ptr,
-    lse_ptr,
-    row_sum_ptr,
     entropy_ptr,
     log_sum_sq_ptr,
     top1_ptr,
@@ -123,67 +69,79 @@ def _forward_statistics_kernel(
     ignore_index,
     SHIFT: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    STATISTICS: tl.constexpr,
 ):
-    """``_forward_kernel`` plus the token statistics, in the same one read of the row. A kernel
-    of its own so that the plain forward keeps its registers and instructions; the shared
-    quantities (m, s, total, lse) are computed by the same expressions, so they are bitwise equal."""
-    pos = tl.program_id(0).to(tl.int64)
+    """One output position. With ``STATISTICS`` also the token statistics, in the same one read of
+    the row (a compile-time flag: without it the statistics' work and pointers compile away, and
+    the shared quantities m, s, total, lse are the same expressions, so the same bits)."""
+    pos = tl.program_id(0).to(tl.int64)  # output position n * T_out + t
     n = pos // T_out
     t = pos - n * T_out
+    # The shift is an index: logits row t scores label t + 1.
     label = tl.load(labels_ptr + n * T + t + SHIFT)
     if label == ignore_index:
+        # Nothing to score: the row is never read (it may hold anything, NaN included).
         tl.store(token_ptr + pos, 0.0)
         tl.store(lse_ptr + pos, 0.0)
         tl.store(row_sum_ptr + pos, 0.0)
-        tl.store(entropy_ptr + pos, 0.0)
-        tl.store(log_sum_sq_ptr + pos, 0.0)
-        tl.store(top1_ptr + pos, 0)
-        tl.store(mean_ptr + pos, 0.0)
+        if STATISTICS:
+            tl.store(entropy_ptr + pos, 0.0)
+            tl.store(log_sum_sq_ptr + pos, 0.0)
+            tl.store(top1_ptr + pos, 0)
+            tl.store(mean_ptr + pos, 0.0)
     else:
         row_ptr = logits_ptr + _row_offset(n, t, stride_n, stride_t)
-        # Besides the running max m and s = sum e with e = exp(x - m): w = sum e (x - m) and
-        # q = sum e^2, rescaled as m grows to m' (r = exp(m - m')): w' = r (w + (m - m') s) and
-        # q' = r^2 q. Then entropy = log s - w / s and log sum p^2 = log q - 2 log s.
+        # Online log-sum-exp: a running max m and sum s of e = exp(x - m), rescaled when m grows,
+        # so each element is loaded once and exponentiated once, all in float32. The statistics
+        # add w = sum e (x - m) and q = sum e^2, rescaled as m grows to m' (r = exp(m - m')):
+        # w' = r (w + (m - m') s) and q' = r^2 q; then entropy = log s - w / s and
+        # log sum p^2 = log q - 2 log s.
         m = -float("inf")
         s = 0.0
+        total = 0.0
         w = 0.0
         q = 0.0
-        total = 0.0
         top = 0  # first index of the running max (argmax's answer for an all -inf row too)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < V
             x = tl.load(row_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
             block_max = tl.max(x, axis=0)
-            # Strictly greater replaces: an equal maximum in a later block is not the first one.
-            # Padding (-inf, past V) never wins: the first column of a block is inside the row.
-            block_top = tl.min(tl.where(x == block_max, cols, V), axis=0)
-            top = tl.where(block_max > m, block_top, top)
+            if STATISTICS:
+                # Strictly greater replaces: an equal maximum in a later block is not the first
+                # one. Padding (-inf, past V) never wins: a block's first column is in the row.
+                block_top = tl.min(tl.where(x == block_max, cols, V), axis=0)
+                top = tl.where(block_max > m, block_top, top)
             m_new = tl.maximum(m, block_max)
-            # Subtract 0 while every logit so far is -inf (as in _forward_kernel).
+            # Subtract 0 while every logit so far is -inf (a masked vocabulary block): the terms
+            # are then exp(-inf) = 0, where subtracting -inf would give exp(-inf - -inf) = NaN.
             offset = tl.where(m_new == -float("inf"), 0.0, m_new)
             rescale = tl.exp(m - offset)
             e = tl.exp(x - offset)
-            # (m - m') s is 0 while s is (m = -inf), and a masked entry (e = 0, x - offset = -inf)
-            # adds 0 to w: the -inf is selected away before it is multiplied, never 0 * -inf.
-            w_shift = tl.where(m == -float("inf"), 0.0, m - offset) * s
-            centred = tl.where(e > 0.0, x - offset, 0.0)
-            w = rescale * (w + w_shift) + tl.sum(e * centred, axis=0)
-            q = rescale * rescale * q + tl.sum(e * e, axis=0)
+            if STATISTICS:
+                # (m - m') s is 0 while s is (m = -inf), and a masked entry (e = 0, x - offset =
+                # -inf) adds 0 to w: the -inf is selected away before it is multiplied.
+                w_shift = tl.where(m == -float("inf"), 0.0, m - offset) * s
+                centred = tl.where(e > 0.0, x - offset, 0.0)
+                w = rescale * (w + w_shift) + tl.sum(e * centred, axis=0)
+                q = rescale * rescale * q + tl.sum(e * e, axis=0)
             s = s * rescale + tl.sum(e, axis=0)
             total += tl.sum(tl.where(in_row, x, 0.0), axis=0)
             m = m_new
         lse = m + tl.log(s)
+        # One element, just streamed through the cache. Masked so that a label outside [0, V)
+        # (the public API rejects those before launching) gives NaN, not an out-of-bounds read.
         label_ok = (label >= 0) & (label < V)
         x_label = tl.load(row_ptr + label, mask=label_ok, other=float("nan")).to(tl.float32)
         tl.store(token_ptr + pos, x_label - lse)
         tl.store(lse_ptr + pos, lse)
         tl.store(row_sum_ptr + pos, total)
-        log_s = tl.log(s)
-        tl.store(entropy_ptr + pos, log_s - w / s)
-        tl.store(log_sum_sq_ptr + pos, tl.log(q) - 2.0 * log_s)
-        tl.store(top1_ptr + pos, (top == label).to(tl.uint8))
-        tl.store(mean_ptr + pos, total / V)
+        if STATISTICS:
+            log_s = tl.log(s)
+            tl.store(entropy_ptr + pos, log_s - w / s)
+            tl.store(log_sum_sq_ptr + pos, tl.log(q) - 2.0 * log_s)
+            tl.store(top1_ptr + pos, (top == label).to(tl.uint8))
+            tl.store(mean_ptr + pos, total / V)
 
 
 @triton.jit
@@ -229,24 +187,30 @@ def _backward_kernel(
 
 
 def _launch_forward(
-    kernel, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, **outputs
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, statistics=None
 ):
-    """Run one of the forward kernels (one program per output position) and reduce its per-row
-    results: (token_logps, lse, sequence_logps, logit_sums). ``outputs`` are the statistics
-    kernel's extra output pointers."""
+    """Run the forward kernel (one program per output position) and reduce its per-row results:
+    (token_logps, lse, sequence_logps, logit_sums). ``statistics``: the four ``[N, T']`` outputs
+    of the token statistics (entropy, log sum p^2, is_top1, mean logit) to fill, or None."""
     n, time, vocab = logits.shape
     out_t = out_len(time, shift)
     stats = dict(dtype=stats_dtype(logits.dtype), device=logits.device)
     token_logps, lse, row_sums = (torch.empty(n, out_t, **stats) for _ in range(3))
     if n * out_t > 0:
+        # Without statistics their pointers are never dereferenced (compiled away): any tensor will do.
+        entropy, log_sum_sq, is_top1, mean_logits = statistics or (token_logps,) * 4
         block, warps = launch_config(vocab)
-        wrap_triton(kernel)[(n * out_t,)](
+        wrap_triton(_forward_kernel)[(n * out_t,)](
             logits_ptr=logits,
             labels_ptr=labels,
             token_ptr=token_logps,
             lse_ptr=lse,
             row_sum_ptr=row_sums,
-            **outputs,
+            entropy_ptr=entropy,
+            log_sum_sq_ptr=log_sum_sq,
+            # bytes 0 / 1: a bool tensor's storage
+            top1_ptr=is_top1.view(torch.uint8) if is_top1.dtype == torch.bool else is_top1,
+            mean_ptr=mean_logits,
             T=time,
             T_out=out_t,
             V=vocab,
@@ -255,6 +219,7 @@ def _launch_forward(
             ignore_index=ignore_index,
             SHIFT=int(shift),
             BLOCK_V=block,
+            STATISTICS=statistics is not None,
             num_warps=warps,
         )
     # Deterministic reduction: a plain sum over rows in float64 (a few bytes per position).
@@ -266,7 +231,7 @@ def _launch_forward(
 def _forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # custom_op reads the annotation
-    return _launch_forward(_forward_kernel, logits, labels, ignore_index, shift)
+    return _launch_forward(logits, labels, ignore_index, shift)
 
 
 def _forward_statistics(
@@ -285,18 +250,8 @@ def _forward_statistics(
     per_position = dict(size=(n, out_len(time, shift)), device=logits.device)
     entropy, log_sum_sq, mean_logits = (torch.empty(**per_position, dtype=torch.float32) for _ in range(3))
     is_top1 = torch.empty(**per_position, dtype=torch.bool)
-    base = _launch_forward(
-        _forward_statistics_kernel,
-        logits,
-        labels,
-        ignore_index,
-        shift,
-        entropy_ptr=entropy,
-        log_sum_sq_ptr=log_sum_sq,
-        top1_ptr=is_top1.view(torch.uint8),  # bytes 0 / 1: a bool tensor's storage
-        mean_ptr=mean_logits,
-    )
-    return (*base, entropy, log_sum_sq, is_top1, mean_logits)
+    statistics = (entropy, log_sum_sq, is_top1, mean_logits)
+    return (*_launch_forward(logits, labels, ignore_index, shift, statistics), *statistics)
 
 
 def _fake_forward_statistics(logits, labels, ignore_index, shift):
