@@ -253,20 +253,25 @@ rank = rank_and_world()[0]
 run_dir = RunDir(sys.argv[1], enabled=rank == 0)
 try:
     with run_dir.writing(), run_dir.writing():  # the inner one (nested) exchanges nothing
-        print(f"rank {rank} writes", flush=True)
+        said = f"rank {rank} writes"
 except ValueError as error:
-    print(f"rank {rank} refused: {type(error).__name__}: {error}", flush=True)
+    said = f"rank {rank} refused: {type(error).__name__}: {error}"
+# A file per rank: two processes' lines on one shared stdout pipe can interleave under load.
+with open(f"{sys.argv[2]}/rank{rank}.txt", "w") as f:
+    f.write(said)
 close_distributed()
 """
 
 
 def each_rank_says(out: pathlib.Path) -> list[str]:
+    said = out.parent / f"{out.name}-said"
+    said.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["--no-python", sys.executable, "-c", RANKS, str(out)]
+    command += ["--no-python", sys.executable, "-c", RANKS, str(out), str(said)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    return sorted(path.read_text() for path in said.glob("rank*.txt"))
 
 
 def test_under_torchrun_every_rank_raises_the_error_of_rank_0(tmp_path):
