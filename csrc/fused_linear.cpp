@@ -17,16 +17,10 @@
 // set, float32 x float32 otherwise (float32 inputs, float16 inputs, an odd hidden size, or an
 // older CPU: bfloat16/float16 tiles are converted to float32 while packed).
 //
-// Forward, one task per row tile (r rows), vocabulary blocks (v columns) in order:
-//   x^T [v, r] = W_block [v, H] . h^T [H, r]                       GEMM 1, A is the weight itself
-//   fold x into each row's running max m, the sum of exp(x - m) over the non-label columns
-//   (s_other) and the label's exp(x_label - m) (p_label), the label logit and the logit sum;
-//   with hidden_grad: acc [r, H] += exp(x - m)[r, v] (label column zeroed) . W_block [v, H]
-//   (GEMM 2), rescaled as m grows. At the end of the row, with s = s_other + p_label:
-//   lse = m + log s and d log p(label) / d h = W[label] * s_other / s - acc / s, written into
-//   hidden_grad. Keeping the label apart avoids the cancellation in W[label] - softmax . W
-//   when the label's probability is near 1.
-// Weight gradient, one task per vocabulary block, row tiles in order:
+// Forward, one task per row tile (r rows), vocabulary blocks (v columns) in order: GEMM 1 makes
+// the logits tile, the fold keeps the online log-sum-exp, and with hidden_grad GEMM 2
+// accumulates softmax . W for d log p(label) / d h (forward_row_tile in csrc/fused_linear.h).
+// Weight gradient, one task per vocabulary block, row tiles in order (recompute_grad_tile):
 //   x^T = W_block . h^T (GEMM 3), G^T = g * (onehot - exp(x - lse)) in place,
 //   grad_W_block += G^T [v, r] . h [r, H] (GEMM 4), grad_b += row sums of G^T.
 // With bfloat16 operands the float32 tile of a gradient GEMM is rounded to bfloat16. Where the
@@ -64,58 +58,14 @@ namespace {
 
 using namespace fastdpo_linear;
 
-// Per counted row outputs of the forward; the statistics pointers are null when not asked for.
-struct ForwardOut {
-  float *label, *lse, *sum;
-  float *entropy = nullptr, *log_sum_sq = nullptr;
-  bool* is_top1 = nullptr;
-};
-
 template <bool Statistics, typename in_t, typename op_t>
 void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int64_t gs1, int64_t R, int64_t VB,
                     const ForwardOut& out) {
-  const int64_t H = p.H, V = p.V, tiles = (p.C + R - 1) / R;
-  const bool grad = hidden_grad != nullptr;
+  const int64_t tiles = (p.C + R - 1) / R;
   at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    const int64_t ldx = round_up(R, Vec::size());
-    std::vector<op_t> hT(H * R), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
-    std::vector<float> xT(VB * ldx), acc(grad ? R * H : 0);
-    HiddenGradBuffers<op_t> buf(grad ? R : 0, grad ? VB : 0, H, false);
-    RowState st(R, Statistics);
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c0 = t * R, r = std::min(R, p.C - c0);
-      pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, r, H, hT.data());
-      st.start(r);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t v0 = 0; v0 < V; v0 += VB) {
-        const int64_t vb = std::min(VB, V - v0);
-        int64_t lda;
-        const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);
-        tile_gemm<op_t>(vb, r, H, W, lda, hT.data(), r, xT.data(), ldx, false);  // GEMM 1
-        fold_block<Statistics>(p, xT.data(), vb, ldx, r, v0, c0, st);
-        if (!grad) continue;
-        for (int64_t i = 0; i < r; ++i) {
-          if (st.scale[i] == 1.0f) continue;
-          const Vec s(st.scale[i]);
-          float* a = acc.data() + i * H;
-          at::vec::map([&](Vec x) { return x * s; }, a, a, H);
-        }
-        hidden_grad_tile<in_t, op_t>(p, xT.data(), ldx, vb, r, v0, acc.data(), buf, W, lda);  // GEMM 2
-      }
-      for (int64_t i = 0; i < r; ++i) {
-        const int64_t c = c0 + i;
-        st.finish(i, out.label + c, out.lse + c, out.sum + c);
-        if constexpr (Statistics)
-          st.finish_statistics(i, p.label[c], out.entropy + c, out.log_sum_sq + c, out.is_top1 + c);
-        if (!grad) continue;
-        in_t* dst = hidden_grad + p.row_n[c] * gs0 + p.row_t[c] * gs1;
-        const in_t* wy = p.wrow(p.label[c]);
-        const float s = st.s_other[i] + st.p_label[i];
-        const float own = s > 0.0f ? st.s_other[i] / s : 0.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
-        const float* a = acc.data() + i * H;
-        for (int64_t k = 0; k < H; ++k) dst[k] = cast<in_t>(float(wy[k]) * own - a[k] * inv);
-      }
-    }
+    ForwardBuffers<in_t, op_t> buf(R, VB, p.H, hidden_grad != nullptr, Statistics);
+    for (int64_t t = t_begin; t < t_end; ++t)
+      forward_row_tile<Statistics>(p, t * R, std::min(R, p.C - t * R), VB, hidden_grad, gs0, gs1, out, buf);
     if constexpr (kVnni<op_t>) at::native::cpublas::brgemm_release(true);
   });
 }
@@ -128,22 +78,10 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
                         in_t* grad_bias, int64_t R, int64_t VB) {
   const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, rp_max = pad_k<op_t>(R);
   // h^T (GEMM 3's B) and h (GEMM 4's B) of every row tile, packed once and shared.
-  std::vector<op_t> packT(tiles * R * H);
-  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t c0 = t * R;
-      pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, std::min(R, C - c0), H,
-                                       packT.data() + t * R * H);
-    }
-  });
+  const std::vector<op_t> packT = pack_transposed_tiles<in_t, op_t>(p, R, 0);
   const std::vector<op_t> packV = grad_weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
-  // Rows whose log-sum-exp is -inf (no finite logit) contribute nothing.
-  std::vector<float> g(C), lse_ref(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const bool finite = lse[c] != -kInf;
-    g[c] = finite ? grad_rows[c] : 0.0f;
-    lse_ref[c] = finite ? lse[c] : 0.0f;
-  }
+  const auto finite = finite_rows(lse, grad_rows, C);
+  const std::vector<float>&g = finite.first, &lse_ref = finite.second;
   constexpr bool in_place = std::is_same_v<in_t, float>;  // a float32 gradient accumulates in the output
   const int64_t blocks = (V + VB - 1) / VB;
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
@@ -166,33 +104,9 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
       std::fill_n(gb.begin(), vb, 0.0f);
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t c0 = t * R, r = std::min(R, C - c0);
-        tile_gemm<op_t>(vb, r, H, W, lda, packT.data() + t * R * H, r, xT.data(), ldx, false);  // GEMM 3
-        for (int64_t j = 0; j < vb; ++j) {  // G^T = g * (onehot - exp(x - lse))
-          float* x = xT.data() + j * ldx;
-          const Vec bj(p.bias.empty() ? 0.0f : p.bias[v0 + j]);
-          lanes(r, [&](int64_t i0, int64_t n) {
-            const Vec z = Vec::loadu(x + i0, n) + bj - Vec::loadu(lse_ref.data() + c0 + i0, n);
-            (z.exp_u20() * -Vec::loadu(g.data() + c0 + i0, n)).store(x + i0, n);
-          });
-        }
-        for (int64_t i = 0; i < r; ++i) {
-          const int64_t y = p.label[c0 + i] - v0;
-          if (y >= 0 && y < vb) xT[y * ldx + i] += g[c0 + i];
-        }
-        if (grad_bias) {
-          for (int64_t j = 0; j < vb; ++j) {
-            float sum = 0.0f;
-            const float* x = xT.data() + j * ldx;
-            Vec acc(0.0f);
-            lanes(r, [&](int64_t i0, int64_t n) { acc = acc + Vec::loadu(x + i0, n); });
-            alignas(64) float parts[Vec::size()];
-            acc.store(parts);
-            for (int64_t l = 0; l < Vec::size(); ++l) sum += parts[l];
-            gb[j] += sum;
-          }
-        }
-        if (gw) head_grad_tile<in_t, op_t>(p, xT.data(), ldx, vb, r, v0, c0, g.data() + c0,
-                                           packV.data() + t * rp_max * H, gw, gA);  // GEMM 4
+        recompute_grad_tile<in_t, op_t>(p, W, lda, packT.data() + t * R * H, gw ? packV.data() + t * rp_max * H : nullptr,
+                                        v0, vb, c0, r, lse_ref.data(), g.data(), xT.data(), ldx,
+                                        grad_bias ? gb.data() : nullptr, gw, gA);  // GEMMs 3 and 4
       }
       if constexpr (!in_place) {
         if (gw) convert(gw, grad_weight + v0 * H, vb * H);

@@ -140,10 +140,11 @@ void pack_rows(RowFn row, int64_t r, int64_t H, op_t* out, op_t* tmp) {
   }
 }
 
-// A = x^T in the operand type: out[i][j] = x[j][i] for a float x [rows_x][ldx], i < cols,
+// A = x^T in the operand type: out[i][j] = x[j][i] for x [rows_x][ldx] (float32, or bfloat16
+// G tiles kept by the chunk path), i < cols,
 // j < rows_x; columns rows_x..lda of out are zero (K padding).
-template <typename op_t>
-void transpose_to(const float* x, int64_t rows_x, int64_t ldx, int64_t cols, op_t* out, int64_t lda) {
+template <typename op_t, typename src_t>
+void transpose_to(const src_t* x, int64_t rows_x, int64_t ldx, int64_t cols, op_t* out, int64_t lda) {
   constexpr int64_t B = 16;
   for (int64_t j0 = 0; j0 < rows_x; j0 += B) {
     const int64_t j1 = std::min(rows_x, j0 + B);
@@ -437,12 +438,12 @@ struct HiddenGradBuffers {
         wconv(convert_weight ? VB * H : 0) {}
 };
 
-// acc [r, H] += P [r, vb] . W_block [vb, H], P given transposed as float32 [vb, r] (row stride
-// ldg) and rounded to the operand type: a sum within one row, where one bfloat16 rounding of
+// acc [r, H] += P [r, vb] . W_block [vb, H], P given transposed as [vb, r] (row stride ldg;
+// float32, or bfloat16 kept by the chunk path) and rounded to the operand type: a sum within one row, where one bfloat16 rounding of
 // each term costs about what rounding the result does (csrc/fused_linear.cpp). W (lda) is the
 // block as a float32 A operand when the caller has it already, else null.
-template <typename in_t, typename op_t>
-void hidden_grad_tile(const Problem<in_t>& p, const float* gT, int64_t ldg, int64_t vb, int64_t r, int64_t v0,
+template <typename in_t, typename op_t, typename g_t>
+void hidden_grad_tile(const Problem<in_t>& p, const g_t* gT, int64_t ldg, int64_t vb, int64_t r, int64_t v0,
                       float* acc, HiddenGradBuffers<op_t>& buf, const op_t* W = nullptr, int64_t lda = 0) {
   const int64_t H = p.H, k = pad_k<op_t>(vb);
   transpose_to<op_t>(gT, vb, ldg, r, buf.pA.data(), k);
@@ -454,6 +455,146 @@ void hidden_grad_tile(const Problem<in_t>& p, const float* gT, int64_t ldg, int6
     W = weight_block<in_t, op_t>(p, v0, vb, buf.wconv, lda);
   }
   tile_gemm<op_t>(r, H, k, buf.pA.data(), k, W, lda, acc, H, true);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The recompute path's steps, shared by csrc/fused_linear.cpp and the rows of the chunk path
+// (csrc/fused_linear_chunk.cpp) that its memory budget does not keep.
+
+// Per counted row outputs of the forward; the statistics pointers are null when not asked for.
+struct ForwardOut {
+  float *label, *lse, *sum;
+  float *entropy = nullptr, *log_sum_sq = nullptr;
+  bool* is_top1 = nullptr;
+};
+
+// One task's buffers for forward_row_tile.
+template <typename in_t, typename op_t>
+struct ForwardBuffers {
+  int64_t ldx;
+  std::vector<op_t> hT, wconv;
+  std::vector<float> xT, acc;
+  HiddenGradBuffers<op_t> grad;
+  RowState st;
+  ForwardBuffers(int64_t R, int64_t VB, int64_t H, bool with_grad, bool statistics)
+      : ldx(round_up(R, Vec::size())), hT(H * R), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H), xT(VB * ldx),
+        acc(with_grad ? R * H : 0), grad(with_grad ? R : 0, with_grad ? VB : 0, H, false), st(R, statistics) {}
+};
+
+// The forward of rows c0..c0+r over the whole vocabulary, blocks in order:
+//   x^T [v, r] = W_block [v, H] . h^T [H, r]                       GEMM 1, A is the weight itself
+//   fold x into each row's running max m, the sum of exp(x - m) over the non-label columns
+//   (s_other) and the label's exp(x_label - m) (p_label), the label logit and the logit sum;
+//   with hidden_grad: acc [r, H] += exp(x - m)[r, v] (label column zeroed) . W_block [v, H]
+//   (GEMM 2), rescaled as m grows. At the end of the row, with s = s_other + p_label:
+//   lse = m + log s and d log p(label) / d h = W[label] * s_other / s - acc / s, written into
+//   hidden_grad (hidden's dtype). Keeping the label apart avoids the cancellation in
+//   W[label] - softmax . W when the label's probability is near 1.
+template <bool Statistics, typename in_t, typename op_t>
+void forward_row_tile(const Problem<in_t>& p, int64_t c0, int64_t r, int64_t VB, in_t* hidden_grad, int64_t gs0,
+                      int64_t gs1, const ForwardOut& out, ForwardBuffers<in_t, op_t>& b) {
+  const int64_t H = p.H, V = p.V, ldx = b.ldx;
+  const bool grad = hidden_grad != nullptr;
+  RowState& st = b.st;
+  pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, r, H, b.hT.data());
+  st.start(r);
+  std::fill(b.acc.begin(), b.acc.end(), 0.0f);
+  for (int64_t v0 = 0; v0 < V; v0 += VB) {
+    const int64_t vb = std::min(VB, V - v0);
+    int64_t lda;
+    const op_t* W = weight_block<in_t, op_t>(p, v0, vb, b.wconv, lda);
+    tile_gemm<op_t>(vb, r, H, W, lda, b.hT.data(), r, b.xT.data(), ldx, false);  // GEMM 1
+    fold_block<Statistics>(p, b.xT.data(), vb, ldx, r, v0, c0, st);
+    if (!grad) continue;
+    for (int64_t i = 0; i < r; ++i) {
+      if (st.scale[i] == 1.0f) continue;
+      const Vec s(st.scale[i]);
+      float* a = b.acc.data() + i * H;
+      at::vec::map([&](Vec x) { return x * s; }, a, a, H);
+    }
+    hidden_grad_tile<in_t, op_t>(p, b.xT.data(), ldx, vb, r, v0, b.acc.data(), b.grad, W, lda);  // GEMM 2
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    const int64_t c = c0 + i;
+    st.finish(i, out.label + c, out.lse + c, out.sum + c);
+    if constexpr (Statistics)
+      st.finish_statistics(i, p.label[c], out.entropy + c, out.log_sum_sq + c, out.is_top1 + c);
+    if (!grad) continue;
+    in_t* dst = hidden_grad + p.row_n[c] * gs0 + p.row_t[c] * gs1;
+    const in_t* wy = p.wrow(p.label[c]);
+    const float s = st.s_other[i] + st.p_label[i];
+    const float own = s > 0.0f ? st.s_other[i] / s : 0.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+    const float* a = b.acc.data() + i * H;
+    for (int64_t k = 0; k < H; ++k) dst[k] = cast<in_t>(float(wy[k]) * own - a[k] * inv);
+  }
+}
+
+// h^T of row tiles t_first.. (GEMM 1 and 3's B operand, [H, r]), packed once per call and shared
+// by the tasks: tile t at out + (t - t_first) * R * H.
+template <typename in_t, typename op_t>
+std::vector<op_t> pack_transposed_tiles(const Problem<in_t>& p, int64_t R, int64_t t_first) {
+  const int64_t tiles = (p.C + R - 1) / R;
+  std::vector<op_t> out(std::max<int64_t>(tiles - t_first, 0) * R * p.H);
+  at::parallel_for(t_first, std::max(tiles, t_first), 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t c0 = t * R;
+      pack_rows_transposed<in_t, op_t>([&](int64_t i) { return p.hrow(c0 + i); }, std::min(R, p.C - c0), p.H,
+                                       out.data() + (t - t_first) * R * p.H);
+    }
+  });
+  return out;
+}
+
+// Per row (g, lse) for recompute_grad_tile: rows whose log-sum-exp is -inf (no finite logit)
+// get g = 0 and lse = 0, so they contribute nothing (and never exp(-inf - -inf)).
+inline std::pair<std::vector<float>, std::vector<float>> finite_rows(const float* lse, const float* grad_rows,
+                                                                      int64_t C) {
+  std::vector<float> g(C), lse_ref(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const bool finite = lse[c] != -kInf;
+    g[c] = finite ? grad_rows[c] : 0.0f;
+    lse_ref[c] = finite ? lse[c] : 0.0f;
+  }
+  return {g, lse_ref};
+}
+
+// gb[j] += the sum of row j of the float32 tile x [vb, ld] (r live columns).
+inline void add_row_sums(const float* x, int64_t ld, int64_t vb, int64_t r, float* gb) {
+  for (int64_t j = 0; j < vb; ++j) {
+    Vec acc(0.0f);
+    lanes(r, [&](int64_t i0, int64_t n) { acc = acc + Vec::loadu(x + j * ld + i0, n); });
+    alignas(64) float parts[Vec::size()];
+    acc.store(parts);
+    float sum = 0.0f;
+    for (int64_t l = 0; l < Vec::size(); ++l) sum += parts[l];
+    gb[j] += sum;
+  }
+}
+
+// The weight gradient of one (vocabulary block v0..v0+vb, row tile c0..c0+r) on the recompute
+// path: x^T = W_block . h^T (GEMM 3; hT is the tile packed by pack_rows_transposed), G^T = g *
+// (onehot - exp(x - lse)) in the float32 tile xT [vb, ldx], gb [vb] += its row sums (gb null: no
+// bias gradient) and gw [vb, H] += G^T h (GEMM 4, head_grad_tile; gw null: none). lse_ref and g
+// are indexed by row: 0 for rows without a finite log-sum-exp, which then add nothing.
+template <typename in_t, typename op_t>
+void recompute_grad_tile(const Problem<in_t>& p, const op_t* W, int64_t lda, const op_t* hT, const op_t* hV,
+                         int64_t v0, int64_t vb, int64_t c0, int64_t r, const float* lse_ref, const float* g,
+                         float* xT, int64_t ldx, float* gb, float* gw, std::vector<op_t>& gA) {
+  tile_gemm<op_t>(vb, r, p.H, W, lda, hT, r, xT, ldx, false);  // GEMM 3
+  for (int64_t j = 0; j < vb; ++j) {
+    float* x = xT + j * ldx;
+    const Vec bj(p.bias.empty() ? 0.0f : p.bias[v0 + j]);
+    lanes(r, [&](int64_t i0, int64_t n) {
+      const Vec z = Vec::loadu(x + i0, n) + bj - Vec::loadu(lse_ref + c0 + i0, n);
+      (z.exp_u20() * -Vec::loadu(g + c0 + i0, n)).store(x + i0, n);
+    });
+  }
+  for (int64_t i = 0; i < r; ++i) {
+    const int64_t y = p.label[c0 + i] - v0;
+    if (y >= 0 && y < vb) xT[y * ldx + i] += g[c0 + i];
+  }
+  if (gb) add_row_sums(xT, ldx, vb, r, gb);
+  if (gw) head_grad_tile<in_t, op_t>(p, xT, ldx, vb, r, v0, c0, g + c0, hV, gw, gA);  // GEMM 4
 }
 
 // ---------------------------------------------------------------------------------------------

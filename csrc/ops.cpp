@@ -43,10 +43,11 @@ TORCH_LIBRARY(fastdpo, m) {
       "bool half_operands) -> (Tensor, Tensor)");
   m.def(
       "linear_chunk_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
-      "Tensor(a!) probs, Tensor(b!) block_max, int row_tile, int vocab_tile, bool half_operands) "
+      "Tensor(a!) kept, Tensor(b!) block_max, Tensor(c!) grad_hidden, int row_tile, int vocab_tile, "
+      "bool half_operands) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "linear_chunk_backward(Tensor(a!) probs, Tensor block_max, Tensor lse, Tensor label_share, Tensor grad_rows, "
+      "linear_chunk_backward(Tensor(a!) kept, Tensor block_max, Tensor lse, Tensor label_share, Tensor grad_rows, "
       "Tensor hidden, Tensor weight, Tensor? bias, Tensor row_n, Tensor row_t, Tensor labels, "
       "Tensor(b!) grad_hidden, Tensor(c!)? grad_weight, Tensor(d!)? grad_bias, int row_tile, int vocab_tile, "
       "bool half_operands) -> ()");

@@ -34,17 +34,18 @@ from fastdpo.backends.common import counted_rows
 from fastdpo.linear import check_linear_inputs, fused_linear_logps
 from fastdpo.logps import FusedLogps
 
-# Float32 softmax tiles a chunk may keep, by default (None): what the float32 logits of the
-# batch, [2B, T, V], would take - the counted rows of a batch with some ignored labels fit in one
-# chunk. Liger's chunked loss works in about twice that eager and about as much compiled
-# (measured: docs/fused_linear.md); a number of MiB caps it, 0 always recomputes.
-DEFAULT_MEMORY_BUDGET_MIB = None
+# What the kept tiles of a chunk may take, by default (memory_budget_mib=None): a quarter of
+# what the float32 logits of the batch, [2B, T, V], would take. Liger's chunked loss works in
+# about as much as those logits compiled and twice that eager (measured: docs/fused_linear.md),
+# so the default keeps fastdpo's peak under half of Liger's; the rows past it are recomputed. A
+# number of MiB sets it; 0 always recomputes.
+DEFAULT_LOGITS_SHARE = 0.25
 
 
 def budget_bytes(memory_budget_mib: float | None, hidden: torch.Tensor, vocab: int) -> int:
     """The byte budget of ``memory_budget_mib`` for ``[2B, T, H]`` hidden states (see above)."""
     if memory_budget_mib is None:
-        return 4 * hidden.shape[0] * hidden.shape[1] * vocab
+        return int(DEFAULT_LOGITS_SHARE * 4 * hidden.shape[0] * hidden.shape[1] * vocab)
     return int(memory_budget_mib * 2**20)
 
 
@@ -54,7 +55,7 @@ BATCH_LOSSES = frozenset({"aot", "aot_pair", "aot_unpaired", "sft"})
 def chunk_pairs(
     pair_rows: list[int], row_bytes: int, budget: int, accumulator: int
 ) -> list[tuple[int, int]] | None:
-    """Consecutive pair ranges ``[p0, p1)`` whose rows' float32 tiles fit ``budget`` bytes, or
+    """Consecutive pair ranges ``[p0, p1)`` whose rows' kept tiles fit ``budget`` bytes, or
     ``None`` when even one pair does not. ``accumulator`` (a float32 head gradient, needed for a
     non-float32 head once there is more than one chunk) is charged when there is more than one."""
     if sum(pair_rows) * row_bytes <= budget:
@@ -71,12 +72,32 @@ def chunk_pairs(
     return chunks + [(start, len(pair_rows))]
 
 
+def plan_chunks(
+    pair_rows: list[int], row_bytes: int, budget: int, accumulator: int, row_tile: int
+) -> tuple[list[tuple[int, int]], int | None] | None:
+    """``(chunks, kept)``: chunks of pairs that each fit the budget whole (``kept`` None), else
+    one chunk of every pair keeping its first ``kept`` rows, as many whole row tiles as fit (the
+    others are recomputed within the chunk); ``None`` when not one row tile fits (the recompute
+    path)."""
+    chunks = chunk_pairs(pair_rows, row_bytes, budget, accumulator)
+    if chunks is not None:
+        return chunks, None
+    kept = budget // row_bytes // row_tile * row_tile
+    return ([(0, len(pair_rows))], kept) if kept > 0 else None
+
+
+def kept_dtype(plan) -> torch.dtype:
+    """float16 for bfloat16 operands, float32 otherwise (csrc/fused_linear_chunk.cpp says why)."""
+    return torch.float16 if plan.operand_dtype == torch.bfloat16 else torch.float32
+
+
 @dataclass(frozen=True)
 class _Job:
     module: object  # the FusedLinearDPOLoss: its options and loss_from_logps
     labels: torch.Tensor
     reference: torch.Tensor  # [2B] float32
     chunks: list[tuple[int, int]]
+    kept: int | None  # rows of the single chunk whose tiles are kept (None: all rows of each chunk)
     plan: object  # TilePlan
     out_len: int
 
@@ -107,18 +128,34 @@ class _LossInForward(torch.autograd.Function):
         token = torch.zeros(n, job.out_len)
         blocks = -(-v // plan.vocab_tile)
         rows_max = max(int(_chunk_rows(n_all, pairs, p0, p1).numel()) for p0, p1 in job.chunks)
-        buffer = torch.empty(v * rows_max + blocks * rows_max)  # reused by every chunk
+        if job.kept is not None:
+            rows_max = min(rows_max, job.kept)
+        # reused by every chunk
+        kept_buffer, max_buffer = (
+            torch.empty(v * rows_max, dtype=kept_dtype(plan)),
+            torch.empty(blocks * rows_max),
+        )
         loss = torch.zeros((), dtype=torch.float64)
         half = native_linear.half_operands()
         hidden_k, weight_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (hidden, weight))
         for p0, p1 in job.chunks:
             idx = _chunk_rows(n_all, pairs, p0, p1)
             rn, rt, ry = n_all[idx].contiguous(), t_all[idx].contiguous(), y_all[idx].contiguous()
-            c = rn.numel()
-            probs = buffer[: v * c].view(v, c)
-            block_max = buffer[v * rows_max : v * rows_max + blocks * c].view(blocks, c)
+            k = min(rn.numel(), rows_max)
+            kept, block_max = kept_buffer[: v * k].view(v, k), max_buffer[: blocks * k].view(blocks, k)
             label_logit, lse, logit_sum, share = ops.linear_chunk_forward(
-                hidden_k, weight_k, bias, rn, rt, ry, probs, block_max, plan.row_tile, plan.vocab_tile, half
+                hidden_k,
+                weight_k,
+                bias,
+                rn,
+                rt,
+                ry,
+                kept,
+                block_max,
+                grad_hidden,
+                plan.row_tile,
+                plan.vocab_tile,
+                half,
             )
             picked = label_logit - lse
             token[rn, rt] = picked
@@ -137,7 +174,7 @@ class _LossInForward(torch.autograd.Function):
                 (g_seq,) = torch.autograd.grad(chunk_loss, pi)
             loss += chunk_loss.detach().double()
             ops.linear_chunk_backward(
-                probs,
+                kept,
                 block_max,
                 lse,
                 share,
@@ -155,7 +192,7 @@ class _LossInForward(torch.autograd.Function):
                 plan.vocab_tile,
                 half,
             )
-        del buffer
+        del kept_buffer, max_buffer
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = [grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(bias.dtype)]
@@ -227,16 +264,18 @@ def loss_in_forward(module, hidden, weight, bias, labels, compute_reference, ref
     pairs = hidden.shape[0] // 2
     plan = native_linear.plan_tiles(hidden.dtype, hidden.shape[-1])
     v = weight.shape[0]
-    row_bytes = 4 * (v + -(-v // plan.vocab_tile))  # the row's softmax tiles and block maxima
+    # a row's kept tiles and block maxima
+    row_bytes = kept_dtype(plan).itemsize * v + 4 * -(-v // plan.vocab_tile)
     accumulator = 0 if weight.dtype == torch.float32 else 4 * weight.numel()
     budget = budget_bytes(module.memory_budget_mib, hidden, v)
-    chunks = chunk_pairs((per_seq[:pairs] + per_seq[pairs:]).tolist(), row_bytes, budget, accumulator)
-    if chunks is None:
+    pair_rows = (per_seq[:pairs] + per_seq[pairs:]).tolist()
+    planned = plan_chunks(pair_rows, row_bytes, budget, accumulator, plan.row_tile)
+    if planned is None:
         return None
     stand_in = FusedLogps(None, torch.zeros(hidden.shape[0]), per_seq, None)
     reference = module._reference(stand_in, "ref_hidden, ref_weight, ref_bias", compute_reference, ref_logps)
     out_len = target.shape[1]
-    job = _Job(module, labels, reference, chunks, plan, out_len)
+    job = _Job(module, labels, reference, *planned, plan, out_len)
     loss, seq, sums, token = _LossInForward.apply(hidden, weight, bias, job)
     out = module.loss_from_logps(FusedLogps(token, seq, per_seq, sums), reference, v)
     return replace(out, loss=loss)

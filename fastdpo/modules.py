@@ -21,7 +21,7 @@ from fastdpo.functional import (
     wpo_weights,
 )
 from fastdpo.linear import fused_linear_logps
-from fastdpo.linear_dpo import DEFAULT_MEMORY_BUDGET_MIB, loss_in_forward
+from fastdpo.linear_dpo import loss_in_forward
 from fastdpo.logps import FusedLogps, fused_logps
 
 
@@ -390,7 +390,7 @@ class FusedLinearDPOLoss(_DPOLossBase):
     ``None``, the default, allows what the float32 logits of the batch would take).
     """
 
-    def __init__(self, *args, memory_budget_mib: float | None = DEFAULT_MEMORY_BUDGET_MIB, **kwargs) -> None:
+    def __init__(self, *args, memory_budget_mib: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if memory_budget_mib is not None and check_number("memory_budget_mib", memory_budget_mib) < 0:
             raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")

@@ -112,6 +112,8 @@ _DETERMINISM = """
 import hashlib, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from fastdpo import FusedLinearDPOLoss
+from fastdpo.backends import native_linear
+from fastdpo.linear_dpo import kept_dtype
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     hidden = torch.randn(4, 97, 64, generator=g).to(dtype).requires_grad_(True)
@@ -119,14 +121,17 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     bias = torch.randn(1500, generator=g).to(dtype).requires_grad_(True)
     labels = torch.randint(0, 1500, (4, 97), generator=g)
     ref = torch.randn(4, 97, 64, generator=g).to(dtype)
-    for budget in (256.0, 0.0):  # logits kept (no recompute), and the recompute path
+    # What 300 rows keep: the first 256-row tile kept, the other 128 rows recomputed.
+    plan = native_linear.plan_tiles(dtype, 64)
+    part = 300 * (kept_dtype(plan).itemsize * 1500 + 4 * 3) / 2**20
+    for budget in (256.0, part, 0.0):  # all rows kept, some, none (the recompute path)
         loss_fn = FusedLinearDPOLoss(backend="native", memory_budget_mib=budget)
         out = loss_fn(hidden, weight, labels, bias=bias, ref_hidden=ref)
         out.loss.backward()
         digest = hashlib.sha256()
         for t in (out.loss, out.policy_chosen_logps, out.ref_rejected_logps, hidden.grad, weight.grad, bias.grad):
             digest.update(t.detach().float().numpy().tobytes())
-        print(dtype, budget, digest.hexdigest())
+        print(dtype, budget, type(out.loss.grad_fn).__name__, digest.hexdigest())
         hidden.grad = weight.grad = bias.grad = None
 """
 
@@ -145,9 +150,10 @@ def thread_digests(script: str, forced: str) -> list[str]:
 @pytest.mark.parametrize("forced", ["auto", "float32"])
 def test_bitwise_equal_for_one_and_two_threads(forced):
     """The loss, log-probs and every gradient hash the same with 1 and 2 threads, on both
-    operand paths, with and without the logits recompute."""
+    operand paths, with every row's logits kept, some, and none (the recompute path)."""
     digests = thread_digests(_DETERMINISM, forced)
-    assert digests[0].count("torch.") == 6 and digests[0] == digests[1]
+    assert digests[0].count("_LossInForwardBackward") == 6 and digests[0].count("torch.") == 9
+    assert digests[0] == digests[1]
 
 
 def test_strided_weight_and_hidden_are_read_correctly():

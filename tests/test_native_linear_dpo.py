@@ -10,7 +10,7 @@ from test_linear import make_linear
 from fastdpo import FusedLinearDPOLoss
 from fastdpo.backends import native_linear
 from fastdpo.functional import preference_loss
-from fastdpo.linear_dpo import budget_bytes, chunk_pairs
+from fastdpo.linear_dpo import budget_bytes, chunk_pairs, kept_dtype, plan_chunks
 
 OPTIONS = {
     "sigmoid": dict(),
@@ -25,6 +25,26 @@ OPTIONS = {
 def operands(request, monkeypatch):
     monkeypatch.setenv(native_linear.OPERANDS_ENV, request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Row tiles of 4 rows and vocabulary blocks of 16, so that these small batches have many
+    tiles and a budget can keep some row tiles and recompute the others."""
+    monkeypatch.setattr(native_linear, "ROW_TILE", 4)
+    monkeypatch.setattr(native_linear, "VOCAB_TILE", 16)
+
+
+def _row_bytes(dtype, h, v):
+    """What one kept row takes: its tiles in the kept dtype and a float32 maximum per block."""
+    plan = native_linear.plan_tiles(dtype, h)
+    return kept_dtype(plan).itemsize * v + 4 * -(-v // plan.vocab_tile)
+
+
+def _budgets(dtype, h=16, v=53):
+    """memory_budget_mib of each way to run: all rows kept, 12 rows kept (three tiles; the rest
+    recomputed in the same chunk), and 0 (the recompute path)."""
+    return {"all": 64.0, "part": 12 * _row_bytes(dtype, h, v) / 2**20, "recompute": 0.0}
 
 
 def _inputs(pairs=3, t=9, h=16, v=53, dtype=torch.float32, bias=True):
@@ -65,11 +85,12 @@ def _float64(options, hidden, weight, bias, labels, ref_hidden):
     return losses.mean(), [None if z is None else z.grad for z in x]
 
 
+@pytest.mark.parametrize("kept", ["all", "part"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(OPTIONS))
-def test_loss_and_gradients_match_float64(operands, dtype, name):
+def test_loss_and_gradients_match_float64(operands, dtype, name, kept):
     hidden, weight, bias, labels, ref_hidden = _inputs(dtype=dtype)
-    loss_fn = FusedLinearDPOLoss(backend="native", **OPTIONS[name])
+    loss_fn = FusedLinearDPOLoss(backend="native", memory_budget_mib=_budgets(dtype)[kept], **OPTIONS[name])
     out, grads = _run(loss_fn, hidden, weight, bias, labels, ref_hidden)
     assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"  # no recompute here
     exact, exact_grads = _float64(OPTIONS[name], hidden, weight, bias, labels, ref_hidden)
@@ -86,11 +107,12 @@ def test_loss_and_gradients_match_float64(operands, dtype, name):
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
     """A budget that holds one pair at a time (three chunks; a bfloat16 head then accumulates its
-    gradient in float32) against one chunk and against the recompute path (budget 0)."""
+    gradient in float32), one that keeps some rows of one chunk, and one chunk keeping every
+    row, against the recompute path (budget 0)."""
     hidden, weight, b, labels, ref_hidden = _inputs(dtype=dtype, bias=bias, v=301, h=32)
-    per_pair = 2 * 8 * (301 + 1) * 4  # at most 16 rows of 301 floats and a block maximum
+    per_pair = 2 * 8 * _row_bytes(dtype, 32, 301)  # at most 16 rows
     accumulator = 0 if dtype == torch.float32 else 301 * 32 * 4
-    budgets = {"one-pair": (per_pair + accumulator) / 2**20, "all": 1.0, "recompute": 0.0}
+    budgets = {"one-pair": (per_pair + accumulator) / 2**20, **_budgets(dtype, 32, 301)}
     results = {
         k: _run(
             FusedLinearDPOLoss(backend="native", memory_budget_mib=m), hidden, weight, b, labels, ref_hidden
@@ -98,10 +120,12 @@ def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
         for k, m in budgets.items()
     }
     names = {k: type(out.loss.grad_fn).__name__ for k, (out, _) in results.items()}
-    assert names["one-pair"] == names["all"] == "_LossInForwardBackward" != names["recompute"]
+    assert (
+        names["one-pair"] == names["part"] == names["all"] == "_LossInForwardBackward" != names["recompute"]
+    )
     rtol, atol = GRAD_TOL[dtype]
     base, base_grads = results["recompute"]
-    for key in ("one-pair", "all"):
+    for key in ("one-pair", "part", "all"):
         out, grads = results[key]
         torch.testing.assert_close(out.loss, base.loss, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.policy_chosen_logps, base.policy_chosen_logps, atol=1e-4, rtol=1e-5)
@@ -117,6 +141,10 @@ def test_chunk_pairs_plan():
     assert chunk_pairs([3, 5, 2, 2], 10, 50, 0) == [(0, 1), (1, 2), (2, 4)]
     assert chunk_pairs([3, 3, 3], 10, 60, 20) == [(0, 1), (1, 2), (2, 3)]  # the accumulator is charged
     assert chunk_pairs([3, 7, 3], 10, 60, 0) is None  # one pair does not fit: recompute
+    assert plan_chunks([3, 3, 3], 10, 60, 0, 2) == ([(0, 2), (2, 3)], None)  # whole pairs when they fit
+    assert plan_chunks([3, 7, 3], 10, 60, 0, 2) == ([(0, 3)], 6)  # else one chunk, 3 tiles of 2 rows kept
+    assert plan_chunks([3, 7, 3], 10, 65, 0, 4) == ([(0, 3)], 4)  # whole tiles only
+    assert plan_chunks([3, 7, 3], 10, 35, 0, 4) is None  # not one tile: the recompute path
 
 
 @pytest.mark.parametrize("loss_type", ["aot", "aot_pair", "sft", ["sigmoid", "sft"]], ids=str)
@@ -186,15 +214,13 @@ def test_precomputed_reference_and_reference_free():
     assert (free.ref_chosen_logps == 0).all() and type(free.loss.grad_fn).__name__ == "_LossInForwardBackward"
 
 
-def test_default_budget_is_the_float32_logits_of_the_batch():
+def test_default_budget_is_a_quarter_of_the_float32_logits_of_the_batch():
     hidden, weight, bias, labels, ref_hidden = _inputs()
     n, t, v = hidden.shape[0], hidden.shape[1], weight.shape[0]
     assert FusedLinearDPOLoss().memory_budget_mib is None
-    assert budget_bytes(None, hidden, v) == 4 * n * t * v
+    assert budget_bytes(None, hidden, v) == n * t * v
     assert budget_bytes(1.5, hidden, v) == int(1.5 * 2**20)
+    # 6 x 9 x 53 bytes keep 12 rows of 53 float32 and 4 block maxima (228 bytes each): rows past them
+    # are recomputed within the chunk.
     out, _ = _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, labels, ref_hidden)
-    assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"
-    # Every label counted: T - 1 rows of V + 1 floats (a block maximum) per sequence fit in T x V.
-    full = labels.clamp(min=0)
-    out, _ = _run(FusedLinearDPOLoss(backend="native"), hidden, weight, bias, full, ref_hidden)
     assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"
