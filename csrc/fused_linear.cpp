@@ -61,10 +61,10 @@ using namespace fastdpo_linear;
 template <bool Statistics, typename in_t, typename op_t>
 void forward_kernel(const Problem<in_t>& p, in_t* hidden_grad, int64_t gs0, int64_t gs1, int64_t R, int64_t VB,
                     const ForwardOut& out) {
-  const int64_t tiles = (p.C + R - 1) / R;
-  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+  TaskQueue tiles((p.C + R - 1) / R);
+  at::parallel_for(0, tiles.workers(), 1, [&](int64_t, int64_t) {
     ForwardBuffers<in_t, op_t> buf(R, VB, p.H, hidden_grad != nullptr, Statistics);
-    for (int64_t t = t_begin; t < t_end; ++t)
+    for (int64_t t; tiles.next(t);)
       forward_row_tile<Statistics>(p, t * R, std::min(R, p.C - t * R), VB, hidden_grad, gs0, gs1, out, buf);
     if constexpr (kVnni<op_t>) at::native::cpublas::brgemm_release(true);
   });
@@ -84,11 +84,12 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
   const std::vector<float>&g = finite.first, &lse_ref = finite.second;
   constexpr bool in_place = std::is_same_v<in_t, float>;  // a float32 gradient accumulates in the output
   const int64_t blocks = (V + VB - 1) / VB;
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  TaskQueue tasks(blocks);
+  at::parallel_for(0, tasks.workers(), 1, [&](int64_t, int64_t) {
     const int64_t ldx = round_up(R, Vec::size());
     std::vector<float> xT(VB * ldx), gw_buf(in_place || !grad_weight ? 0 : VB * H), gb(VB);
     std::vector<op_t> wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H), gA(kVnni<op_t> ? VB * rp_max : 0);
-    for (int64_t b = b_begin; b < b_end; ++b) {
+    for (int64_t b; tasks.next(b);) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
       int64_t lda;
       const op_t* W = weight_block<in_t, op_t>(p, v0, vb, wconv, lda);

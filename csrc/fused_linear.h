@@ -24,6 +24,7 @@
 #include "checks.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -148,8 +149,13 @@ void transpose_to(const src_t* x, int64_t rows_x, int64_t ldx, int64_t cols, op_
   constexpr int64_t B = 16;
   for (int64_t j0 = 0; j0 < rows_x; j0 += B) {
     const int64_t j1 = std::min(rows_x, j0 + B);
-    for (int64_t i = 0; i < cols; ++i)
-      for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = cast<op_t>(x[j * ldx + i]);
+    for (int64_t i = 0; i < cols; ++i) {
+      if constexpr (std::is_same_v<src_t, op_t>) {  // a copy: no conversion through float
+        for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = x[j * ldx + i];
+      } else {
+        for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = cast<op_t>(x[j * ldx + i]);
+      }
+    }
   }
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = rows_x; j < lda; ++j) out[i * lda + j] = op_t(0.0f);
@@ -218,6 +224,23 @@ Problem<in_t> problem(const at::Tensor& hidden, const at::Tensor& weight, const 
   }
   return p;
 }
+
+// Tasks [0, n) handed out one at a time to the threads of a parallel region, each thread taking
+// the next as it finishes one (a dynamic schedule: kept and recomputed row tiles, which cost one
+// GEMM or two, spread evenly over the threads instead of by halves of the range). Every task
+// computes its own outputs alone, so results do not depend on which thread ran it:
+//   TaskQueue tasks(n);
+//   at::parallel_for(0, tasks.workers(), 1, [&](int64_t, int64_t) { ...; for (int64_t t; tasks.next(t);) ...; });
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  int64_t workers() const { return std::min<int64_t>(n_, at::get_num_threads()); }
+  bool next(int64_t& task) { return (task = next_.fetch_add(1)) < n_; }
+
+ private:
+  int64_t n_;
+  std::atomic<int64_t> next_{0};
+};
 
 // Run f(i0, count) over the lanes of r values, one vector at a time.
 template <typename F>
@@ -402,15 +425,15 @@ void head_grad_tile(const Problem<in_t>& p, const float* g, int64_t ldg, int64_t
   const int64_t H = p.H;
   if constexpr (kVnni<op_t>) {
     const int64_t k = pad_k<op_t>(r);
-    alignas(64) float limit[Vec::size()];
+    std::vector<float> limit(r);
+    for (int64_t i = 0; i < r; ++i) limit[i] = kExactShare * std::abs(g_rows[i]);
     std::vector<std::pair<int64_t, int64_t>> exact;  // (j, i) of the entries fixed in float32
     for (int64_t j = 0; j < vb; ++j) {
       const float* x = g + j * ldg;
       convert(x, gA.data() + j * k, r);
       if (k > r) gA[j * k + r] = op_t(0.0f);
       lanes(r, [&](int64_t i0, int64_t n) {
-        for (int64_t l = 0; l < n; ++l) limit[l] = kExactShare * std::abs(g_rows[i0 + l]);
-        const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit, n);
+        const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit.data() + i0, n);
         if (big.zero_mask() == (1 << Vec::size()) - 1) return;  // no lane over its limit
         for (int64_t l = 0; l < n; ++l)
           if (std::abs(x[i0 + l]) > limit[l]) exact.emplace_back(j, i0 + l);

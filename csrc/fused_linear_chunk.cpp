@@ -61,11 +61,14 @@ template <typename in_t, typename op_t>
 void chunk_forward_kernel(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, float* block_max,
                           in_t* grad_hidden, int64_t gs0, int64_t gs1, int64_t R, int64_t VB, const ForwardOut& out,
                           float* out_share) {
-  const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R;
-  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+  const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R, recomputed = tiles - (K + R - 1) / R;
+  TaskQueue tasks(tiles);
+  at::parallel_for(0, tasks.workers(), 1, [&](int64_t, int64_t) {
     ForwardBuffers<in_t, op_t> buf(R, VB, H, K < C, false);
     RowState& st = buf.st;
-    for (int64_t t = t_begin; t < t_end; ++t) {
+    for (int64_t task; tasks.next(task);) {
+      // The recomputed tiles (two GEMMs) first, then the kept ones (one): the longest tasks first.
+      const int64_t t = task < recomputed ? tiles - recomputed + task : task - recomputed;
       const int64_t c0 = t * R, r = std::min(R, C - c0);
       if (c0 >= K) {  // past the budget: the recompute path's forward
         forward_row_tile<false>(p, c0, r, VB, grad_hidden, gs0, gs1, out, buf);
@@ -97,25 +100,41 @@ void chunk_forward_kernel(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept,
   });
 }
 
+// x [vb, ld] (r columns) = kept [vb, ldk] (float16) times factor [r], column by column.
+inline void scaled_from_half(const at::Half* kept, int64_t ldk, const float* factor, float* x, int64_t ld,
+                             int64_t vb, int64_t r) {
+  using HVec = at::vec::Vectorized<at::Half>;
+  constexpr int64_t w = HVec::size();  // 2 float vectors
+  for (int64_t j = 0; j < vb; ++j) {
+    const at::Half* src = kept + j * ldk;
+    float* dst = x + j * ld;
+    int64_t i = 0;
+    for (; i + w <= r; i += w) {
+      auto [lo, hi] = at::vec::convert_to_float<at::Half>(HVec::loadu(src + i));
+      (lo * Vec::loadu(factor + i)).store(dst + i);
+      (hi * Vec::loadu(factor + i + Vec::size())).store(dst + i + Vec::size());
+    }
+    for (; i < r; ++i) dst[i] = float(src[i]) * factor[i];
+  }
+}
+
 // The entries of the G^T tile x [vb, ld] (float32, made from float16 kept values) over
-// kExactShare |g| of their row, other than the label's (exact already), remade exactly:
-// x = h . W[v] + b in float32 (products of two bfloat16 numbers are exact, as in the GEMM) and
-// G = -g exp(x - lse). `row` and `col` hold one float32 row of h and of W.
+// kExactShare |g| of their row (limit [r], slightly lowered for float16's error on the test
+// itself), other than the label's (exact already), remade exactly: x = h . W[v] + b in float32
+// (products of two bfloat16 numbers are exact, as in the GEMM) and G = -g exp(x - lse). `row` and
+// `col` hold one float32 row of h and of W.
 template <typename in_t>
 void exact_large_entries(const Problem<in_t>& p, float* x, int64_t ld, int64_t vb, int64_t r, int64_t v0,
-                         int64_t c0, const float* g, const float* lse, std::vector<float>& row,
+                         int64_t c0, const float* limit, const float* g, const float* lse, std::vector<float>& row,
                          std::vector<float>& col) {
-  constexpr float kMargin = 1.0f - 1.0f / 1024.0f;  // float16's error on the test itself
-  alignas(64) float limit[Vec::size()];
   for (int64_t j = 0; j < vb; ++j) {
     float* xj = x + j * ld;
     lanes(r, [&](int64_t i0, int64_t n) {
-      for (int64_t l = 0; l < n; ++l) limit[l] = kMargin * kExactShare * std::abs(g[c0 + i0 + l]);
-      const Vec big = Vec::loadu(xj + i0, n).abs() > Vec::loadu(limit, n);
+      const Vec big = Vec::loadu(xj + i0, n).abs() > Vec::loadu(limit + i0, n);
       if (big.zero_mask() == (1 << Vec::size()) - 1) return;
       for (int64_t l = 0; l < n; ++l) {
         const int64_t c = c0 + i0 + l;
-        if (!(std::abs(xj[i0 + l]) > limit[l]) || p.label[c] == v0 + j) continue;
+        if (!(std::abs(xj[i0 + l]) > limit[i0 + l]) || p.label[c] == v0 + j) continue;
         convert(p.hrow(c), row.data(), p.H);
         convert(p.wrow(v0 + j), col.data(), p.H);
         const float dot = at::vec::map2_reduce_all<float>([](Vec a, Vec b) { return a * b; },
@@ -140,12 +159,15 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
   const bool weight = grad_weight_acc || grad_weight_out;
   const std::vector<op_t> packV = weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
   const std::vector<op_t> packT = pack_transposed_tiles<in_t, op_t>(p, R, kept_tiles);  // rows past K
-  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+  TaskQueue tasks(blocks);
+  at::parallel_for(0, tasks.workers(), 1, [&](int64_t, int64_t) {
     const int64_t ldx = round_up(R, Vec::size());
     std::vector<float> factor(K), gw_buf(grad_weight_out ? VB * H : 0), xT(VB * ldx), gb(VB);
-    std::vector<float> row(kKeptFloat<op_t> ? 0 : H), col(kKeptFloat<op_t> ? 0 : H);
+    std::vector<float> row(kKeptFloat<op_t> ? 0 : H), col(kKeptFloat<op_t> ? 0 : H), limit(K);
+    constexpr float kMargin = 1.0f - 1.0f / 1024.0f;  // float16's error on the test itself
+    for (int64_t c = 0; c < K; ++c) limit[c] = kMargin * kExactShare * std::abs(g[c]);
     std::vector<op_t> gA(kVnni<op_t> ? VB * rp_max : 0), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
-    for (int64_t b = b_begin; b < b_end; ++b) {
+    for (int64_t b; tasks.next(b);) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
       for (int64_t c = 0; c < K; ++c)  // softmax = kept * exp(m_b - lse); rows without a finite lse add 0
         factor[c] = lse[c] == -kInf ? 0.0f : -g[c] * std::exp(block_max[b * K + c] - lse[c]);
@@ -158,16 +180,17 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
         int64_t ld = ldx;
         if constexpr (kKeptFloat<op_t>) {
           x = kept + v0 * K + c0, ld = K;
+          for (int64_t j = 0; j < vb; ++j)
+            at::vec::map2([](Vec e, Vec f) { return e * f; }, x + j * ld, x + j * ld, factor.data() + c0, r);
         } else {
-          for (int64_t j = 0; j < vb; ++j) convert(kept + (v0 + j) * K + c0, x + j * ld, r);
+          scaled_from_half(kept + v0 * K + c0, K, factor.data() + c0, x, ld, vb, r);
         }
-        for (int64_t j = 0; j < vb; ++j)
-          at::vec::map2([](Vec e, Vec f) { return e * f; }, x + j * ld, x + j * ld, factor.data() + c0, r);
         for (int64_t i = 0; i < r; ++i) {
           const int64_t c = c0 + i, y = p.label[c] - v0;
           if (y >= 0 && y < vb && lse[c] != -kInf) x[y * ld + i] = g[c] * share[c];
         }
-        if constexpr (!kKeptFloat<op_t>) exact_large_entries(p, x, ld, vb, r, v0, c0, g.data(), lse, row, col);
+        if constexpr (!kKeptFloat<op_t>)
+          exact_large_entries(p, x, ld, vb, r, v0, c0, limit.data() + c0, g.data(), lse, row, col);
         if (grad_bias) add_row_sums(x, ld, vb, r, gb.data());
         if (gw)
           head_grad_tile<in_t, op_t>(p, x, ld, vb, r, v0, c0, g.data() + c0, packV.data() + t * rp_max * H, gw,
@@ -208,11 +231,12 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
 template <typename in_t, typename op_t>
 void chunk_hidden_grad(const Problem<in_t>& p, int64_t K, const kept_t<op_t>* kept, const std::vector<float>& g,
                        in_t* grad_hidden, int64_t gs0, int64_t gs1, int64_t R, int64_t VB) {
-  const int64_t H = p.H, V = p.V, C = p.C, tiles = (C + R - 1) / R;
-  at::parallel_for(0, tiles, 1, [&](int64_t t_begin, int64_t t_end) {
+  const int64_t H = p.H, V = p.V, C = p.C;
+  TaskQueue tiles((C + R - 1) / R);  // the kept tiles (a GEMM each) come first
+  at::parallel_for(0, tiles.workers(), 1, [&](int64_t, int64_t) {
     std::vector<float> acc(R * H);
     HiddenGradBuffers<op_t> buf(R, VB, H, !std::is_same_v<in_t, op_t>);
-    for (int64_t t = t_begin; t < t_end; ++t) {
+    for (int64_t t; tiles.next(t);) {
       const int64_t c0 = t * R, r = std::min(R, C - c0);
       if (c0 >= K) {
         for (int64_t i = 0; i < r; ++i) {

@@ -3,24 +3,27 @@
 The fused linear path (fastdpo/linear.py) keeps no logits: four GEMMs per counted row, two in
 the forward (logits, and the hidden-state gradient) and two in the backward (logits again, and
 the head's gradient). When :class:`fastdpo.FusedLinearDPOLoss` runs on the ``native`` backend
-with a loss that is a sum of per-pair terms, and the float32 softmax tiles of a chunk of pairs
-fit its ``memory_budget_mib``, this module takes one chunk of pairs at a time instead
-(csrc/fused_linear_chunk.cpp): the chunk's logits are made once and kept (``C x V`` float32
-for its ``C`` counted rows), its log-probs give the loss of those pairs and, by autograd on
-that small loss, each row's upstream gradient ``g``; then ``G = g (onehot - softmax)`` is made in
-place and the gradients of the hidden states, head and bias follow right away: three GEMMs, no
-second pass (Liger's chunked loss works per chunk in the same way). The backward only scales
-them by the loss's upstream gradient.
+with a loss that is a sum of per-pair terms, this module takes chunks of pairs instead
+(csrc/fused_linear_chunk.cpp): the logits of the rows ``memory_budget_mib`` can hold are made
+once and kept (``exp(x - m)`` per row and vocabulary entry: float32, or float16 with bfloat16
+operands), the other rows take the recompute path's forward; the chunk's log-probs give the
+loss of its pairs and, by autograd on that small loss, each row's upstream gradient ``g``; then
+``G = g (onehot - softmax)`` and the gradients of the hidden states, head and bias follow right
+away: three GEMMs for a kept row, four for the others (Liger's chunked loss works per chunk in
+the same way, keeping every row). The backward only scales them by the loss's upstream
+gradient. :func:`plan_chunks` decides: chunks of whole pairs each kept entirely when they fit,
+else one chunk keeping as many row tiles as fit.
 
 The reference log-probs are computed first (they enter each pair's loss). Losses that need the
 whole batch - ``aot``, ``aot_pair``, ``aot_unpaired`` (sorted across the batch) and ``sft``
 (normalised by the batch's token count) - take the recompute path, and so does a budget in
-which not even one pair fits. So do the options that read per-token outputs the chunk kernel
-does not make: ``use_weighting`` (WPO, which needs ``log sum p^2`` per token), ``token_metrics``
-(entropy and top-1 per token) and ``ld_alpha`` (LD-DPO, which weights each token by where it
-falls in its completion, so a pair's gradient is not one scale per sequence). The chunking depends on the budget and the labels only, never on
-the thread count. The policy log-probs in the returned ``DPOOutput`` stay differentiable: a
-gradient reaching them (besides the loss's) is computed by the recompute path in the backward.
+which not even one row tile fits. So do the options that read per-token outputs the chunk
+kernel does not make: ``use_weighting`` (WPO, which needs ``log sum p^2`` per token),
+``token_metrics`` (entropy and top-1 per token) and ``ld_alpha`` (LD-DPO, which weights each
+token by where it falls in its completion, so a pair's gradient is not one scale per
+sequence). The plan depends on the budget and the labels only, never on the thread count. The
+policy log-probs in the returned ``DPOOutput`` stay differentiable: a gradient reaching them
+(besides the loss's) is computed by the recompute path in the backward.
 """
 
 from __future__ import annotations

@@ -383,11 +383,12 @@ class FusedLinearDPOLoss(_DPOLossBase):
     ``ref_hidden`` (with ``ref_weight`` / ``ref_bias``, which default to the policy's head, for
     a shared frozen head), ``ref_logps`` (``[2B]``) or ``reference_free=True``. Gradients flow to
     ``hidden``, ``weight`` and ``bias``. Options are those of :class:`DPOLoss`, plus
-    ``memory_budget_mib``: the float32 softmax tiles the native backend may keep to skip the
-    backward's recompute of the logits (fastdpo/linear_dpo.py: per-pair losses only; ``aot*``
-    and ``sft`` always recompute, and so do ``use_weighting``, ``ld_alpha`` and
-    ``token_metrics``, whose per-token outputs that kernel does not make; 0 always recomputes;
-    ``None``, the default, allows what the float32 logits of the batch would take).
+    ``memory_budget_mib``: the softmax tiles the native backend may keep to skip the
+    backward's recompute of the logits, for as many rows as fit (fastdpo/linear_dpo.py: per-pair
+    losses only; ``aot*`` and ``sft`` always recompute, and so do ``use_weighting``, ``ld_alpha``
+    and ``token_metrics``, whose per-token outputs that kernel does not make; 0 always
+    recomputes; ``None``, the default, allows a quarter of what the float32 logits of the batch
+    would take).
     """
 
     def __init__(self, *args, memory_budget_mib: float | None = None, **kwargs) -> None:
