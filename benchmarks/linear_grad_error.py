@@ -1,11 +1,17 @@
 """How exact the native fused linear kernel's gradients are in bfloat16 (docs/fused_linear.md).
 
-    python -m benchmarks.linear_grad_error [--shape N T H V] [--budget MIB]
+    python -m benchmarks.linear_grad_error [--shape N T H V]
 
-For bfloat16 inputs (hidden states, head, bias), the DPO-like objective ``sum(w * logp)`` of
-``fused_linear_logps`` with random per-sequence weights, the gradients of hidden, weight and
-bias on the default path (bfloat16 GEMM operands where the CPU has them) and with float32
-operands forced (``FASTDPO_LINEAR_OPERANDS=float32``), each against float64 on the same inputs.
+For bfloat16 inputs (hidden states, head, bias), two objectives, each against float64 on the
+same inputs:
+
+- ``sum(w * logp)`` of ``fused_linear_logps`` with random per-sequence weights (the recompute
+  path), on the default operands (bfloat16 GEMM operands where the CPU has them) and with
+  float32 operands forced (``FASTDPO_LINEAR_OPERANDS=float32``);
+- the reference-free sigmoid DPO loss of ``FusedLinearDPOLoss`` on the chunk path, keeping
+  every row (float16 kept tiles with bfloat16 operands), the default budget, and
+  ``memory_budget_mib=0`` (the recompute path).
+
 Printed per gradient: RMS and max absolute error, and both as a multiple of the error that
 rounding the float64 gradient to bfloat16 makes (1.0: as exact as the output dtype allows).
 """
@@ -18,7 +24,7 @@ import os
 import torch
 
 from benchmarks.ground_truth import make_linear
-from fastdpo import fused_linear_logps
+from fastdpo import FusedLinearDPOLoss, fused_linear_logps
 from fastdpo.backends import native_linear
 
 
@@ -36,6 +42,28 @@ def gradients(hidden, weight, bias, labels, weights, dtype=torch.float64):
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         seq = torch.where(target != -100, logp, 0.0).sum(-1)
     (seq * weights.to(seq.dtype)).sum().backward()
+    return [z.grad for z in x]
+
+
+def dpo_gradients(hidden, weight, bias, labels, budget=None, dtype=torch.float64):
+    """Gradients of the reference-free sigmoid DPO loss (beta 0.1): in float64 (``dtype``), or by
+    ``FusedLinearDPOLoss(memory_budget_mib=budget)`` (``dtype`` None)."""
+    x = [z.detach().clone() for z in (hidden, weight, bias)]
+    if dtype is not None:
+        x = [z.to(dtype) for z in x]
+    x = [z.requires_grad_(True) for z in x]
+    if dtype is None:
+        loss_fn = FusedLinearDPOLoss(
+            beta=0.1, reference_free=True, backend="native", memory_budget_mib=budget
+        )
+        loss_fn(x[0], x[1], labels, bias=x[2]).loss.backward()
+    else:
+        logits = x[0] @ x[1].T + x[2]
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        seq = torch.where(target != -100, logp, 0.0).sum(-1)
+        pairs = seq.shape[0] // 2
+        (-torch.nn.functional.logsigmoid(0.1 * (seq[:pairs] - seq[pairs:]))).mean().backward()
     return [z.grad for z in x]
 
 
@@ -64,10 +92,18 @@ def main() -> None:
     for path in ("auto", "float32"):
         os.environ[native_linear.OPERANDS_ENV] = path
         operands = native_linear.operand_dtype(torch.bfloat16, h)
-        got = gradients(hidden, weight, bias, labels, weights, dtype=None)
-        for name, g, e in zip(("hidden", "weight", "bias"), got, exact):
-            rms, worst, rms_x, worst_x = errors(g, e)
-            print(f"{str(operands):17} {name:7} {rms:9.2e} {worst:9.2e}   {rms_x:19.2f}   {worst_x:19.2f}")
+        _report(str(operands), gradients(hidden, weight, bias, labels, weights, dtype=None), exact)
+    os.environ[native_linear.OPERANDS_ENV] = "auto"
+    exact = dpo_gradients(hidden, weight, bias, labels)
+    print("DPO loss, FusedLinearDPOLoss (default operands)")
+    for name, budget in (("keep all rows", 1e6), ("default budget", None), ("budget 0", 0.0)):
+        _report(name, dpo_gradients(hidden, weight, bias, labels, budget, dtype=None), exact)
+
+
+def _report(path: str, got, exact) -> None:
+    for name, g, e in zip(("hidden", "weight", "bias"), got, exact):
+        rms, worst, rms_x, worst_x = errors(g, e)
+        print(f"{path:17} {name:7} {rms:9.2e} {worst:9.2e}   {rms_x:19.2f}   {worst_x:19.2f}")
 
 
 if __name__ == "__main__":

@@ -139,26 +139,16 @@ class _LossInForward(torch.autograd.Function):
             torch.empty(blocks * rows_max),
         )
         loss = torch.zeros((), dtype=torch.float64)
-        half = native_linear.half_operands()
+        tiles = (plan.row_tile, plan.vocab_tile, native_linear.half_operands())
         hidden_k, weight_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (hidden, weight))
         for p0, p1 in job.chunks:
             idx = _chunk_rows(n_all, pairs, p0, p1)
             rn, rt, ry = n_all[idx].contiguous(), t_all[idx].contiguous(), y_all[idx].contiguous()
             k = min(rn.numel(), rows_max)
             kept, block_max = kept_buffer[: v * k].view(v, k), max_buffer[: blocks * k].view(blocks, k)
+            rows = (hidden_k, weight_k, bias, rn, rt, ry)
             label_logit, lse, logit_sum, share = ops.linear_chunk_forward(
-                hidden_k,
-                weight_k,
-                bias,
-                rn,
-                rt,
-                ry,
-                kept,
-                block_max,
-                grad_hidden,
-                plan.row_tile,
-                plan.vocab_tile,
-                half,
+                *rows, kept, block_max, grad_hidden, *tiles
             )
             picked = label_logit - lse
             token[rn, rt] = picked
@@ -176,24 +166,9 @@ class _LossInForward(torch.autograd.Function):
                 )
                 (g_seq,) = torch.autograd.grad(chunk_loss, pi)
             loss += chunk_loss.detach().double()
+            g_rows = g_seq[local[rn]].contiguous()
             ops.linear_chunk_backward(
-                kept,
-                block_max,
-                lse,
-                share,
-                g_seq[local[rn]].contiguous(),
-                hidden_k,
-                weight_k,
-                bias,
-                rn,
-                rt,
-                ry,
-                grad_hidden,
-                grad_weight,
-                grad_bias,
-                plan.row_tile,
-                plan.vocab_tile,
-                half,
+                kept, block_max, lse, share, g_rows, *rows, grad_hidden, grad_weight, grad_bias, *tiles
             )
         del kept_buffer, max_buffer
         if grad_weight is not None and grad_weight.dtype != weight.dtype:
