@@ -9,7 +9,8 @@
 //                                 grad_hidden!, row_tile, vocab_tile, half_operands)
 //       -> (label_logit, lse, logit_sum, label_share)
 //     kept [V, K] receives exp(x - m_b) of the first K rows, with m_b (block_max [blocks, K]) the
-//     row's running max when vocabulary block b was folded, and 0 at the label; K is C, or a
+//     row's running max when vocabulary block b was folded (-inf while every entry so far was
+//     -inf, the kept values then 0), and 0 at the label; K is C, or a
 //     multiple of row_tile below C. Rows K..C get d log p(label) / d h in grad_hidden (the
 //     recompute path's forward, GEMMs 1 and 2). label_share = 1 - p(label), computed as the
 //     non-label share of the row's sum (no cancellation).
@@ -87,7 +88,7 @@ void chunk_forward_kernel(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept,
           fold_block<false>(p, x, vb, ldx, r, v0, c0, st);
           if constexpr (!kKeptFloat<op_t>)
             for (int64_t j = 0; j < vb; ++j) convert(x + j * ldx, kept + (v0 + j) * K + c0, r);
-          std::copy_n(st.m_ref.begin(), r, block_max + b * K + c0);
+          std::copy_n(st.m.begin(), r, block_max + b * K + c0);  // -inf: nothing folded yet
         }
         for (int64_t i = 0; i < r; ++i) st.finish(i, out.label + c0 + i, out.lse + c0 + i, out.sum + c0 + i);
       }
@@ -169,8 +170,13 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
     std::vector<op_t> gA(kVnni<op_t> ? VB * rp_max : 0), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
     for (int64_t b; tasks.next(b);) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
-      for (int64_t c = 0; c < K; ++c)  // softmax = kept * exp(m_b - lse); rows without a finite lse add 0
-        factor[c] = lse[c] == -kInf ? 0.0f : -g[c] * std::exp(block_max[b * K + c] - lse[c]);
+      // softmax = kept * exp(m_b - lse). Rows without a finite lse add 0, and so do blocks folded
+      // while the row's max was still -inf (a masked vocabulary): their kept values are 0, and
+      // exp(m_b - lse) must not be exp(0 - lse) = inf for a very negative lse (0 * inf = NaN).
+      for (int64_t c = 0; c < K; ++c) {
+        const float m = block_max[b * K + c];
+        factor[c] = lse[c] == -kInf || m == -kInf ? 0.0f : -g[c] * std::exp(m - lse[c]);
+      }
       float* gw = grad_weight_acc ? grad_weight_acc + v0 * H : grad_weight_out ? gw_buf.data() : nullptr;
       if (grad_weight_out) std::fill_n(gw, vb * H, 0.0f);
       std::fill_n(gb.begin(), vb, 0.0f);

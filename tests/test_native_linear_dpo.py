@@ -135,6 +135,30 @@ def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
                 torch.testing.assert_close(got.float(), want.float(), atol=2 * atol, rtol=2 * rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_leading_vocabulary_with_very_negative_logits(operands, dtype):
+    """A -inf bias on the first vocabulary blocks and every other logit near -1e4 (legal input):
+    the blocks folded while a row's max was -inf must add nothing, not exp(0 - lse) = inf times
+    their zeros (NaN gradients, as the chunk path once gave); all kept, some, and recomputed."""
+    hidden, weight, bias, labels, _ = _inputs(dtype=dtype)
+    bias = bias.float() - 1e4
+    bias[:20] = float("-inf")
+    bias = bias.to(dtype)
+    labels = torch.where(labels >= 0, labels.clamp(min=20), labels)
+    results = {
+        k: _run(FusedLinearDPOLoss(backend="native", memory_budget_mib=m, reference_free=True),
+                hidden, weight, bias, labels, None)
+        for k, m in _budgets(dtype).items()
+    }  # fmt: skip
+    base, base_grads = results.pop("recompute")
+    for out, grads in results.values():
+        assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"
+        torch.testing.assert_close(out.loss, base.loss)
+        for got, want in zip(grads, base_grads):
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=2e-2)
+
+
 def test_chunk_pairs_plan():
     assert chunk_pairs([3, 3, 3], 10, 90, 1000) == [(0, 3)]  # all fit: no accumulator needed
     assert chunk_pairs([3, 3, 3], 10, 60, 0) == [(0, 2), (2, 3)]
