@@ -436,7 +436,7 @@ void head_grad_tile(const Problem<in_t>& p, const float* g, int64_t ldg, int64_t
         const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit.data() + i0, n);
         if (big.zero_mask() == (1 << Vec::size()) - 1) return;  // no lane over its limit
         for (int64_t l = 0; l < n; ++l)
-          if (std::abs(x[i0 + l]) > limit[l]) exact.emplace_back(j, i0 + l);
+          if (std::abs(x[i0 + l]) > limit[i0 + l]) exact.emplace_back(j, i0 + l);
       });
     }
     tile_gemm<op_t>(vb, H, k, gA.data(), k, B, H, gw, H, true);
