@@ -106,3 +106,28 @@ def test_each_row_is_checked_against_its_own_limit(kept_rows):
     bound = per_entry @ h64.abs() + 1e-6 * (G.abs().T @ h64.abs())
     err = (grad_weight.double() - G.T @ h64).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max():.3g}"
+
+
+def test_kept_buffers_are_checked():
+    """The ops name the buffer at fault: the kept tiles' dtype for these operands, and a kept row
+    count that is neither every row nor whole row tiles."""
+    hidden, weight, bias, labels = _peaked()
+    native_linear._register()
+    rn, rt, ry = (x.contiguous() for x in counted_rows(labels, -100, True))
+    plan = native_linear.plan_tiles(hidden.dtype, hidden.shape[-1], 4, 128)
+    v, blocks, c = weight.shape[0], -(-weight.shape[0] // 128), rn.numel()
+    args = (hidden, weight, bias, rn, rt, ry)
+    tiles = (4, 128, native_linear.half_operands())
+    wrong = torch.float32 if kept_dtype(plan) == torch.float16 else torch.float16
+    with pytest.raises(RuntimeError, match="kept must be"):
+        torch.ops.fastdpo.linear_chunk_forward(
+            *args, torch.empty(v, c, dtype=wrong), torch.empty(blocks, c), torch.zeros_like(hidden), *tiles
+        )
+    with pytest.raises(RuntimeError, match="multiple of row_tile"):
+        torch.ops.fastdpo.linear_chunk_forward(
+            *args,
+            torch.empty(v, 3, dtype=kept_dtype(plan)),
+            torch.empty(blocks, 3),
+            torch.zeros_like(hidden),
+            *tiles,
+        )
