@@ -50,17 +50,27 @@ inline to_t cast(from_t x) {
   return static_cast<to_t>(static_cast<float>(x));
 }
 
-// N is cut into panels so that the K x N panel of B a brgemm call streams stays in L2.
+// N is cut into panels so that the K x N panel of B a brgemm call streams stays in L2, and K
+// into slices (C accumulated across them) so that the slice of A it re-reads for each panel
+// does too: with the weight as A (GEMMs 1 and 3, K = H) the block then streams from memory once
+// and is re-read from cache. Measured on the whole loss at 2x1024x2048x128256 (two threads,
+// memory resident): bfloat16 about 8% faster, float32 about 14%; slices of 1024 the same as 512,
+// 256 slower. Even, for VNNI pairs.
 constexpr int64_t kGemmPanel = 256;
+constexpr int64_t kGemmSlice = 512;
 
 // C[M, N] (+)= A[M, K] B[K, N]; B in the operand layout with row length ldb (columns).
 template <typename op_t>
 void tile_gemm(int64_t M, int64_t N, int64_t K, const op_t* A, int64_t lda, const op_t* B, int64_t ldb, float* C,
                int64_t ldc, bool add) {
-  for (int64_t n0 = 0; n0 < N; n0 += kGemmPanel) {
-    const int64_t nb = std::min(kGemmPanel, N - n0);
-    const op_t* panel = B + (kVnni<op_t> ? 2 * n0 : n0);
-    at::native::cpublas::brgemm(M, nb, K, lda, ldb, ldc, add, A, panel, C + n0, kVnni<op_t>);
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmSlice) {
+    const int64_t kb = std::min(kGemmSlice, K - k0);
+    const op_t* slice = B + k0 * ldb;  // VNNI: k0 / 2 pair rows of 2 * ldb values
+    for (int64_t n0 = 0; n0 < N; n0 += kGemmPanel) {
+      const int64_t nb = std::min(kGemmPanel, N - n0);
+      const op_t* panel = slice + (kVnni<op_t> ? 2 * n0 : n0);
+      at::native::cpublas::brgemm(M, nb, kb, lda, ldb, ldc, add || k0 > 0, A + k0, panel, C + n0, kVnni<op_t>);
+    }
   }
 }
 

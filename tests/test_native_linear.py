@@ -32,15 +32,27 @@ def operands(request, monkeypatch):
 
 
 # (N, T, H, V, row_tile, vocab_tile): ragged row and vocabulary tiles, odd tile sizes (the
-# bfloat16 operands pad K to even), an odd hidden size (float32 operands), one tile.
-CASES = [(4, 9, 16, 37, 5, 8), (2, 12, 6, 33, 7, 33), (6, 7, 24, 130, 3, 63), (2, 20, 5, 19, 64, 512)]
+# bfloat16 operands pad K to even), an odd hidden size (float32 operands), one tile; hidden
+# sizes over one GEMM slice (fused_linear.h kGemmSlice = 512: K = H cut in 512, 512 and a
+# remainder, even and odd).
+CASES = [
+    (4, 9, 16, 37, 5, 8),
+    (2, 12, 6, 33, 7, 33),
+    (6, 7, 24, 130, 3, 63),
+    (2, 20, 5, 19, 64, 512),
+    (2, 5, 1100, 37, 4, 16),
+    (2, 5, 1031, 29, 3, 8),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_parity_with_float64_on_both_operand_paths(operands, dtype, case):
     n, t, h, v, row_tile, vocab_tile = case
-    hidden, weight, bias, labels = make_linear(n, t, h, v, dtype)
+    # Large hidden sizes get a head scaled by h^-1/2, as trained heads are: logits of O(1), not
+    # O(sqrt(h)) (whose peaked softmax the float32 tolerances are not made for, on any backend).
+    scale = 0.7 if h <= 64 else h**-0.5
+    hidden, weight, bias, labels = make_linear(n, t, h, v, dtype, weight_scale=scale)
     _check("native", hidden, weight, bias, labels, tiles=(row_tile, vocab_tile))
 
 
