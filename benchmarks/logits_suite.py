@@ -14,7 +14,12 @@ ignored); every method returns the summed shifted log-probs of each sequence, an
   forward must read; ``read-write-floor-counted`` the least a backward moves: a read of as many
   rows as are counted, copied into a preallocated gradient-sized buffer, and the rest of that
   buffer zeroed (every row of the gradient is written once). A forward + backward's floor is
-  the sum of the last two.
+  the sum of the last two;
+- a compute floor, timed forward only (with the native backend): ``compute-floor-counted`` the
+  native forward over the same counted positions with every row of the logits the first one (a
+  stride-0 view: one row, 64-500 KB, stays in L2), so it does all of the forward's arithmetic
+  and reads nothing from memory. Its time over ``read-floor-counted`` is the least the forward's
+  ratio to one read can be on this CPU with one exp per element.
 """
 
 from __future__ import annotations
@@ -118,6 +123,13 @@ def _read_write_floor_counted(x: Inputs) -> Output:
     return Output(total, total.expand(x["logits"].shape[0]))
 
 
+def _compute_floor_counted(x: Inputs) -> Output:
+    logits = x["logits"]
+    one_row = logits[0, 0].contiguous().expand(logits.shape)  # stride 0: every row the same
+    logps = fastdpo.sequence_logps(one_row, x["labels"], backend="native")
+    return _summed(logps)
+
+
 def _methods() -> dict:
     backends = fastdpo.available_backends("cpu")
     methods = {f"fastdpo-{backend}": _fastdpo(backend) for backend in backends}
@@ -136,6 +148,8 @@ FLOORS = {
     "read-floor-counted": _read_floor_counted,
     "read-write-floor-counted": _read_write_floor_counted,
 }
+if "native" in fastdpo.available_backends("cpu"):
+    FLOORS["compute-floor-counted"] = _compute_floor_counted
 
 
 SUITE = Suite(
@@ -176,14 +190,16 @@ SUITE = Suite(
 
 
 # Floors, side by side: ``python -m benchmarks.logits_suite [--size full] [--rounds 9] [--threads 2]``
-# times the native kernel's forward and forward + backward against the counted-row floors, the
-# four interleaved round by round (so a busy machine slows all alike), and prints medians and
-# the ratios: forward / one read, forward + backward / (read + read-write).
+# times the native kernel's forward and forward + backward against the counted-row floors and
+# the compute floor, the five interleaved round by round (so a busy machine slows all alike),
+# and prints medians and the ratios: forward / one read, forward + backward / (read +
+# read-write), compute floor / one read.
 FLOOR_CASES = (
     ("forward", "fastdpo-native"),
     ("forward_backward", "fastdpo-native"),
     ("forward", "read-floor-counted"),
     ("forward", "read-write-floor-counted"),
+    ("forward", "compute-floor-counted"),
 )
 
 
@@ -217,11 +233,13 @@ def _main(argv=None) -> None:
     for name, shape in SUITE.shapes[args.size].items():
         for dtype in SUITE.dtypes:
             t = time_against_floors(shape, dtype, args.rounds, clock)
-            fwd, fwd_bwd, read, read_write = (t[case] * 1e3 for case in FLOOR_CASES)
+            fwd, fwd_bwd, read, read_write, compute = (t[case] * 1e3 for case in FLOOR_CASES)
             print(
                 f"{name} {dtype}: forward {fwd:.1f} ms, forward+backward {fwd_bwd:.1f} ms, "
-                f"read {read:.1f} ms, read+write {read_write:.1f} ms | forward/read {fwd / read:.2f}, "
-                f"forward+backward/(read + read+write) {fwd_bwd / (read + read_write):.2f}",
+                f"read {read:.1f} ms, read+write {read_write:.1f} ms, compute {compute:.1f} ms | "
+                f"forward/read {fwd / read:.2f}, "
+                f"forward+backward/(read + read+write) {fwd_bwd / (read + read_write):.2f}, "
+                f"compute/read {compute / read:.2f}",
                 flush=True,
             )
 

@@ -55,6 +55,20 @@ def test_every_suite_names_a_runnable_baseline_and_its_shapes():
         SUITES["linear"].method("naive")
 
 
+@pytest.mark.skipif(
+    "compute-floor-counted" not in SUITES["logits"].methods, reason="the compute floor is the native kernel's"
+)
+def test_compute_floor_is_the_forward_of_one_row_at_every_position():
+    suite = SUITES["logits"]
+    inputs = suite.make_inputs((2, 7, 53), "bfloat16")
+    out = suite.method("compute-floor-counted")(inputs)
+    logits = inputs["logits"]
+    one_row = logits[0, 0].expand(logits.shape).contiguous()
+    exact = float64_sequence_logps(one_row, inputs["labels"])
+    assert not torch.allclose(exact, suite.ground_truth(inputs))  # a different batch than the inputs
+    torch.testing.assert_close(out.sequence_logps.double(), exact, atol=1e-4, rtol=0)
+
+
 def test_ignored_positions_count_zero_even_on_a_masked_logit():
     logits, labels = make_logits(2, 5, 7)
     labels[:, 2] = -100
