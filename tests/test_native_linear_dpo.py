@@ -103,6 +103,33 @@ def test_loss_and_gradients_match_float64(operands, dtype, name, kept):
         assert_close_verbose(got, want, atol=2 * atol, rtol=rtol, what=f"grad {what}")
 
 
+@pytest.mark.parametrize("kept", ["all", "part"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("h", [1100, 1031])
+def test_hidden_size_over_one_gemm_slice(operands, dtype, h, kept):
+    """GEMMs cut K = H in slices of 512 (fused_linear.h kGemmSlice): 512, 512 and a remainder,
+    even (bfloat16 operands) and odd (float32 operands). The head is scaled by h^-1/2 so that the
+    logits stay O(1), as a trained head's do."""
+    pairs, t, v = 2, 5, 37
+    hidden, weight, bias, labels = make_linear(2 * pairs, t, h, v, dtype, weight_scale=h**-0.5)
+    ref_hidden = make_linear(2 * pairs, t, h, v, dtype, seed=7)[0]
+    budget = {"all": 64.0, "part": 4 * _row_bytes(dtype, h, v) / 2**20}[kept]
+    out, grads = _run(
+        FusedLinearDPOLoss(backend="native", memory_budget_mib=budget),
+        hidden,
+        weight,
+        bias,
+        labels,
+        ref_hidden,
+    )
+    assert type(out.loss.grad_fn).__name__ == "_LossInForwardBackward"
+    exact, exact_grads = _float64({}, hidden, weight, bias, labels, ref_hidden)
+    assert_close_verbose(out.loss, exact, atol=2e-5, rtol=1e-5, what="loss")
+    rtol, atol = GRAD_TOL[dtype]
+    for what, got, want in zip(("hidden", "weight", "bias"), grads, exact_grads):
+        assert_close_verbose(got, want, atol=2 * atol, rtol=rtol, what=f"grad {what}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunks_of_one_pair_and_recompute_agree(operands, dtype, bias):
