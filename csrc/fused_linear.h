@@ -47,7 +47,11 @@ constexpr int64_t pad_k(int64_t k) {
 
 template <typename to_t, typename from_t>
 inline to_t cast(from_t x) {
-  return static_cast<to_t>(static_cast<float>(x));
+  if constexpr (std::is_same_v<to_t, from_t>) {
+    return x;  // a copy: no round trip through float
+  } else {
+    return static_cast<to_t>(static_cast<float>(x));
+  }
 }
 
 // N is cut into panels so that the K x N panel of B a brgemm call streams stays in L2, and K
@@ -159,13 +163,8 @@ void transpose_to(const src_t* x, int64_t rows_x, int64_t ldx, int64_t cols, op_
   constexpr int64_t B = 16;
   for (int64_t j0 = 0; j0 < rows_x; j0 += B) {
     const int64_t j1 = std::min(rows_x, j0 + B);
-    for (int64_t i = 0; i < cols; ++i) {
-      if constexpr (std::is_same_v<src_t, op_t>) {  // a copy: no conversion through float
-        for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = x[j * ldx + i];
-      } else {
-        for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = cast<op_t>(x[j * ldx + i]);
-      }
-    }
+    for (int64_t i = 0; i < cols; ++i)
+      for (int64_t j = j0; j < j1; ++j) out[i * lda + j] = cast<op_t>(x[j * ldx + i]);
   }
   for (int64_t i = 0; i < cols; ++i)
     for (int64_t j = rows_x; j < lda; ++j) out[i * lda + j] = op_t(0.0f);
