@@ -82,13 +82,15 @@ def test_head_gradient_within_the_bound(kept_rows):
     assert ((got_h - want_h).abs() <= 2**-7 * scale).all()
 
 
+@pytest.mark.parametrize("row_tile", [32, 16])
 @pytest.mark.parametrize("kept_rows", ["all", "none"])
-def test_each_row_is_checked_against_its_own_limit(kept_rows):
-    """A 32-row tile holding 24 rows spans two float32 vectors: the entries corrected to float32
-    are chosen by each row's own |g| / 256. The first 16 rows get a huge |g| but zero hidden
-    states (they add nothing to the head's gradient, nor to the bound), so a row of the second
-    vector compared against the first vector's limits would lose its corrections and break the
-    bound. Kept tiles and recomputed ones (none kept) share the correction."""
+def test_each_row_is_checked_against_its_own_limit(kept_rows, row_tile):
+    """A 32-row tile holding 24 rows spans two float32 vectors, and 16-row tiles make two tiles:
+    the entries corrected to float32 are chosen by each row's own |g| / 256. The first 16 rows
+    get a huge |g| but zero hidden states (they add nothing to the head's gradient, nor to the
+    bound), so a row of the second vector or tile compared against the first one's limits would
+    lose its corrections and break the bound. Kept tiles and recomputed ones (none kept) share
+    the correction."""
     hidden, weight, bias, labels = _peaked(n=4)
     rows = counted_rows(labels, -100, True)
     c = rows[0].numel()
@@ -97,7 +99,7 @@ def test_each_row_is_checked_against_its_own_limit(kept_rows):
     grad_rows = torch.ones(c)
     grad_rows[:16] = 1000.0
     k = c if kept_rows == "all" else 0
-    grad_weight, _, _, _ = _chunk_grads(hidden, weight, bias, labels, grad_rows, k, (32, 128))
+    grad_weight, _, _, _ = _chunk_grads(hidden, weight, bias, labels, grad_rows, k, (row_tile, 128))
     h64 = hidden.double()[rows[0], rows[1]]
     p = torch.softmax(h64 @ weight.double().T + bias.double(), -1)
     onehot = torch.nn.functional.one_hot(rows[2], weight.shape[0]).double()
