@@ -82,6 +82,7 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
   const std::vector<op_t> packV = grad_weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
   const auto finite = finite_rows(lse, grad_rows, C);
   const std::vector<float>&g = finite.first, &lse_ref = finite.second;
+  const std::vector<float> limit = exact_limits(g);
   constexpr bool in_place = std::is_same_v<in_t, float>;  // a float32 gradient accumulates in the output
   const int64_t blocks = (V + VB - 1) / VB;
   TaskQueue tasks(blocks);
@@ -106,7 +107,7 @@ void weight_grad_kernel(const Problem<in_t>& p, const float* lse, const float* g
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t c0 = t * R, r = std::min(R, C - c0);
         recompute_grad_tile<in_t, op_t>(p, W, lda, packT.data() + t * R * H, gw ? packV.data() + t * rp_max * H : nullptr,
-                                        v0, vb, c0, r, lse_ref.data(), g.data(), xT.data(), ldx,
+                                        v0, vb, c0, r, lse_ref.data(), g.data(), limit.data(), xT.data(), ldx,
                                         grad_bias ? gb.data() : nullptr, gw, gA);  // GEMMs 3 and 4
       }
       if constexpr (!in_place) {

@@ -420,6 +420,13 @@ std::vector<op_t> pack_hidden_tiles(const Problem<in_t>& p, int64_t R) {
 // float32 after the bfloat16 GEMM (head_grad_tile).
 inline constexpr float kExactShare = 1.0f / 256.0f;
 
+// Each row's limit scale * kExactShare |g|, made once per call for every tile and block.
+inline std::vector<float> exact_limits(const std::vector<float>& g, float scale = 1.0f) {
+  std::vector<float> limit(g.size());
+  for (size_t c = 0; c < g.size(); ++c) limit[c] = scale * kExactShare * std::abs(g[c]);
+  return limit;
+}
+
 // grad_W rows v0..v0+vb += G^T [vb, r] (float32, row stride ldg) . h [r, H] (B: the row tile c0
 // packed by pack_hidden_tiles); g_rows [r] the rows' upstream gradients (|G| <= |g| entrywise).
 // With bfloat16 operands G^T is rounded to bfloat16 for the GEMM, and every entry with
@@ -427,22 +434,21 @@ inline constexpr float kExactShare = 1.0f / 256.0f;
 // kExactShare per row because sum |G| <= 2 |g| - gets its rounding error back in float32 (h
 // times the residual). What stays is under 2^-9 kExactShare |g| = 2^-17 |g| per entry: the bound
 // of splitting every entry into bfloat16 hi + lo (two GEMMs), for one GEMM and a sparse fix-up
-// (see the header comment of csrc/fused_linear.cpp). gA holds vb x pad_k(r) operands.
+// (see the header comment of csrc/fused_linear.cpp). limit [r]: the rows' kExactShare |g|
+// (exact_limits). gA holds vb x pad_k(r) operands.
 template <typename in_t, typename op_t>
 void head_grad_tile(const Problem<in_t>& p, const float* g, int64_t ldg, int64_t vb, int64_t r, int64_t v0,
-                    int64_t c0, const float* g_rows, const op_t* B, float* gw, std::vector<op_t>& gA) {
+                    int64_t c0, const float* limit, const op_t* B, float* gw, std::vector<op_t>& gA) {
   const int64_t H = p.H;
   if constexpr (kVnni<op_t>) {
     const int64_t k = pad_k<op_t>(r);
-    std::vector<float> limit(r);
-    for (int64_t i = 0; i < r; ++i) limit[i] = kExactShare * std::abs(g_rows[i]);
     std::vector<std::pair<int64_t, int64_t>> exact;  // (j, i) of the entries fixed in float32
     for (int64_t j = 0; j < vb; ++j) {
       const float* x = g + j * ldg;
       convert(x, gA.data() + j * k, r);
       if (k > r) gA[j * k + r] = op_t(0.0f);
       lanes(r, [&](int64_t i0, int64_t n) {
-        const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit.data() + i0, n);
+        const Vec big = Vec::loadu(x + i0, n).abs() > Vec::loadu(limit + i0, n);
         if (big.zero_mask() == (1 << Vec::size()) - 1) return;  // no lane over its limit
         for (int64_t l = 0; l < n; ++l)
           if (std::abs(x[i0 + l]) > limit[i0 + l]) exact.emplace_back(j, i0 + l);
@@ -606,12 +612,13 @@ inline void add_row_sums(const float* x, int64_t ld, int64_t vb, int64_t r, floa
 // The weight gradient of one (vocabulary block v0..v0+vb, row tile c0..c0+r) on the recompute
 // path: x^T = W_block . h^T (GEMM 3; hT is the tile packed by pack_rows_transposed), G^T = g *
 // (onehot - exp(x - lse)) in the float32 tile xT [vb, ldx], gb [vb] += its row sums (gb null: no
-// bias gradient) and gw [vb, H] += G^T h (GEMM 4, head_grad_tile; gw null: none). lse_ref and g
-// are indexed by row: 0 for rows without a finite log-sum-exp, which then add nothing.
+// bias gradient) and gw [vb, H] += G^T h (GEMM 4, head_grad_tile; gw null: none). lse_ref, g
+// and limit (exact_limits of g) are indexed by row: 0 for rows without a finite log-sum-exp,
+// which then add nothing.
 template <typename in_t, typename op_t>
 void recompute_grad_tile(const Problem<in_t>& p, const op_t* W, int64_t lda, const op_t* hT, const op_t* hV,
                          int64_t v0, int64_t vb, int64_t c0, int64_t r, const float* lse_ref, const float* g,
-                         float* xT, int64_t ldx, float* gb, float* gw, std::vector<op_t>& gA) {
+                         const float* limit, float* xT, int64_t ldx, float* gb, float* gw, std::vector<op_t>& gA) {
   tile_gemm<op_t>(vb, r, p.H, W, lda, hT, r, xT, ldx, false);  // GEMM 3
   for (int64_t j = 0; j < vb; ++j) {
     float* x = xT + j * ldx;
@@ -626,7 +633,7 @@ void recompute_grad_tile(const Problem<in_t>& p, const op_t* W, int64_t lda, con
     if (y >= 0 && y < vb) xT[y * ldx + i] += g[c0 + i];
   }
   if (gb) add_row_sums(xT, ldx, vb, r, gb);
-  if (gw) head_grad_tile<in_t, op_t>(p, xT, ldx, vb, r, v0, c0, g + c0, hV, gw, gA);  // GEMM 4
+  if (gw) head_grad_tile<in_t, op_t>(p, xT, ldx, vb, r, v0, c0, limit + c0, hV, gw, gA);  // GEMM 4
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -160,13 +160,15 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
   const bool weight = grad_weight_acc || grad_weight_out;
   const std::vector<op_t> packV = weight ? pack_hidden_tiles<in_t, op_t>(p, R) : std::vector<op_t>();
   const std::vector<op_t> packT = pack_transposed_tiles<in_t, op_t>(p, R, kept_tiles);  // rows past K
+  // The head gradient's limits, and exact_large_entries' a little lower (float16's error on the
+  // test itself).
+  constexpr float kMargin = 1.0f - 1.0f / 1024.0f;
+  const std::vector<float> limit = exact_limits(g), kept_limit = exact_limits(g, kMargin);
   TaskQueue tasks(blocks);
   at::parallel_for(0, tasks.workers(), 1, [&](int64_t, int64_t) {
     const int64_t ldx = round_up(R, Vec::size());
     std::vector<float> factor(K), gw_buf(grad_weight_out ? VB * H : 0), xT(VB * ldx), gb(VB);
-    std::vector<float> row(kKeptFloat<op_t> ? 0 : H), col(kKeptFloat<op_t> ? 0 : H), limit(K);
-    constexpr float kMargin = 1.0f - 1.0f / 1024.0f;  // float16's error on the test itself
-    for (int64_t c = 0; c < K; ++c) limit[c] = kMargin * kExactShare * std::abs(g[c]);
+    std::vector<float> row(kKeptFloat<op_t> ? 0 : H), col(kKeptFloat<op_t> ? 0 : H);
     std::vector<op_t> gA(kVnni<op_t> ? VB * rp_max : 0), wconv(std::is_same_v<in_t, op_t> ? 0 : VB * H);
     for (int64_t b; tasks.next(b);) {
       const int64_t v0 = b * VB, vb = std::min(VB, V - v0);
@@ -196,10 +198,10 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
           if (y >= 0 && y < vb && lse[c] != -kInf) x[y * ld + i] = g[c] * share[c];
         }
         if constexpr (!kKeptFloat<op_t>)
-          exact_large_entries(p, x, ld, vb, r, v0, c0, limit.data() + c0, g.data(), lse, row, col);
+          exact_large_entries(p, x, ld, vb, r, v0, c0, kept_limit.data() + c0, g.data(), lse, row, col);
         if (grad_bias) add_row_sums(x, ld, vb, r, gb.data());
         if (gw)
-          head_grad_tile<in_t, op_t>(p, x, ld, vb, r, v0, c0, g.data() + c0, packV.data() + t * rp_max * H, gw,
+          head_grad_tile<in_t, op_t>(p, x, ld, vb, r, v0, c0, limit.data() + c0, packV.data() + t * rp_max * H, gw,
                                      gA);  // GEMM 4
         if constexpr (!kKeptFloat<op_t>) {  // the bfloat16 G^T over the float16 tile, for phase 2
           auto* dst = reinterpret_cast<at::BFloat16*>(kept);
@@ -219,7 +221,7 @@ void chunk_weight_grad(const Problem<in_t>& p, int64_t K, kept_t<op_t>* kept, co
           const int64_t c0 = t * R, r = std::min(R, C - c0);
           recompute_grad_tile<in_t, op_t>(p, W, lda, packT.data() + (t - kept_tiles) * R * H,
                                           gw ? packV.data() + t * rp_max * H : nullptr, v0, vb, c0, r,
-                                          lse_ref.data(), g.data(), xT.data(), ldx,
+                                          lse_ref.data(), g.data(), limit.data(), xT.data(), ldx,
                                           grad_bias ? gb.data() : nullptr, gw, gA);
         }
       }
