@@ -23,24 +23,29 @@ import os
 
 import torch
 
-from benchmarks.ground_truth import make_linear
+from benchmarks.ground_truth import float64_token_logps, make_linear
 from fastdpo import FusedLinearDPOLoss, fused_linear_logps
 from fastdpo.backends import native_linear
 
 
+def _leaves(hidden, weight, bias, dtype):
+    """Fresh leaves of the inputs that take gradients, in ``dtype`` (None: as they are)."""
+    x = [z.detach().clone() for z in (hidden, weight, bias)]
+    return [(z if dtype is None else z.to(dtype)).requires_grad_(True) for z in x]
+
+
+def _exact_sequence_logps(x, labels):
+    """float64 per-sequence log-probs of ``hidden @ weight.T + bias``, differentiable."""
+    return float64_token_logps(x[0] @ x[1].T + x[2], labels).sum(-1)
+
+
 def gradients(hidden, weight, bias, labels, weights, dtype=torch.float64):
     """Gradients of sum(weights * sequence_logps) in float64 (``dtype``) or by the kernel (None)."""
-    x = [z.detach().clone() for z in (hidden, weight, bias)]
-    if dtype is not None:
-        x = [z.to(dtype) for z in x]
-    x = [z.requires_grad_(True) for z in x]
+    x = _leaves(hidden, weight, bias, dtype)
     if dtype is None:
         seq = fused_linear_logps(x[0], x[1], labels, bias=x[2], backend="native").sequence_logps
     else:
-        logits = x[0] @ x[1].T + x[2]
-        target = labels[:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        seq = torch.where(target != -100, logp, 0.0).sum(-1)
+        seq = _exact_sequence_logps(x, labels)
     (seq * weights.to(seq.dtype)).sum().backward()
     return [z.grad for z in x]
 
@@ -48,20 +53,14 @@ def gradients(hidden, weight, bias, labels, weights, dtype=torch.float64):
 def dpo_gradients(hidden, weight, bias, labels, budget=None, dtype=torch.float64):
     """Gradients of the reference-free sigmoid DPO loss (beta 0.1): in float64 (``dtype``), or by
     ``FusedLinearDPOLoss(memory_budget_mib=budget)`` (``dtype`` None)."""
-    x = [z.detach().clone() for z in (hidden, weight, bias)]
-    if dtype is not None:
-        x = [z.to(dtype) for z in x]
-    x = [z.requires_grad_(True) for z in x]
+    x = _leaves(hidden, weight, bias, dtype)
     if dtype is None:
         loss_fn = FusedLinearDPOLoss(
             beta=0.1, reference_free=True, backend="native", memory_budget_mib=budget
         )
         loss_fn(x[0], x[1], labels, bias=x[2]).loss.backward()
     else:
-        logits = x[0] @ x[1].T + x[2]
-        target = labels[:, 1:]
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        seq = torch.where(target != -100, logp, 0.0).sum(-1)
+        seq = _exact_sequence_logps(x, labels)
         pairs = seq.shape[0] // 2
         (-torch.nn.functional.logsigmoid(0.1 * (seq[:pairs] - seq[pairs:]))).mean().backward()
     return [z.grad for z in x]
