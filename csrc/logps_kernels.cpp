@@ -37,12 +37,15 @@
 namespace {
 
 using fastdpo::avx512_path;
+using fastdpo::bf16_max;
+using fastdpo::clamp_exp2_arg;
 using fastdpo::Exp2;
 using fastdpo::exp2_arg;
 using fastdpo::exp2_arg_fused;
 using fastdpo::kLn2;
 using fastdpo::kLog2e;
 using fastdpo::exp_offset;
+using fastdpo::load_bf16_pairs;
 using fastdpo::load_vec;
 using fastdpo::max_fast;
 using fastdpo::reduce_lanes;
@@ -111,7 +114,9 @@ struct RowForward {
 // (r = exp(m - m'): w' = r (w + (m - m') s), q' = r^2 q), and the index of the first maximum.
 // Then entropy = log s - w / s and log sum p^2 = log q - 2 log s. The plain forward's
 // arithmetic is the same instructions without these: its outputs are bitwise the same.
-// kAvx512: the exp of vec_math.h's AVX-512 path (float32 math only), else at::vec's.
+// kAvx512: the exp of vec_math.h's AVX-512 path (float32 math only), else at::vec's; bfloat16
+// rows there skip widening where they can (kPairs below): pass 1 is then two integer
+// instructions per 32 elements, so that the forward costs little more than its exps.
 //
 // Pass 1 waits on memory, pass 2 on the vector units: so that they overlap, pass 2 prefetches
 // what pass 1 reads next (the next block of the row, or the first block of next_row, the next
@@ -134,9 +139,21 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
   // e (x - m) of a masked entry is 0 * -inf: x - m is clamped to the lowest finite value first
   // (at::vec's exp is exactly 0 below about -88, so the clamp changes no other term).
   const Vec vlowest(std::numeric_limits<acc_t>::lowest());
-  // 16-bit rows: pass 1 keeps the block widened to float32 (in L1) for pass 2
-  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  // bfloat16 on the AVX-512 path: each pass reads the block's U elements as pairs (even and odd
+  // elements of 32, load_bf16_pairs), cheaper than widening them, and pass 2 reads the block
+  // again from L1. Other 16-bit rows: pass 1 keeps the block widened to float32 (in L1) for pass 2.
+  constexpr bool kPairs = avx512 && std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t> && !kPairs;
   alignas(64) acc_t wide[kWiden ? kBlock : 1];
+  const auto load_u = [&](const scalar_t* x, int64_t i, Vec& a, Vec& b, Vec& c, Vec& d) {
+    if constexpr (kPairs) {
+      load_bf16_pairs(x + i, a, b);
+      load_bf16_pairs(x + i + 2 * W, c, d);
+    } else {
+      a = load_vec<scalar_t, acc_t>(x + i), b = load_vec<scalar_t, acc_t>(x + i + W);
+      c = load_vec<scalar_t, acc_t>(x + i + 2 * W), d = load_vec<scalar_t, acc_t>(x + i + 3 * W);
+    }
+  };
   const auto load2 = [&](const scalar_t* x, int64_t i) {
     if constexpr (kWiden) {
       return Vec::loadu(wide + i);
@@ -150,12 +167,18 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
   for (int64_t off = 0; off < V; off += kBlock) {
     const int64_t len = std::min(kBlock, V - off);
     const scalar_t* x = row + off;
-    // Pass 1: block max and block sum.
+    // Pass 1: block max and block sum (kPairs: the max of whole groups of U by bf16_max, their
+    // sum in pass 2, which widens them anyway).
     Vec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf), s0(0), s1(0), s2(0), s3(0);
     int64_t i = 0;
+    acc_t pairs_max = -kInf;
+    if constexpr (kPairs) {
+      i = len / U * U;
+      pairs_max = bf16_max(x, i);
+    }
     for (; i + U <= len; i += U) {
-      const Vec a = load_vec<scalar_t, acc_t>(x + i), b = load_vec<scalar_t, acc_t>(x + i + W);
-      const Vec c = load_vec<scalar_t, acc_t>(x + i + 2 * W), d = load_vec<scalar_t, acc_t>(x + i + 3 * W);
+      Vec a, b, c, d;
+      load_u(x, i, a, b, c, d);
       m0 = vmax(m0, a), m1 = vmax(m1, b), m2 = vmax(m2, c), m3 = vmax(m3, d);
       s0 += a, s1 += b, s2 += c, s3 += d;
       if constexpr (kWiden) a.store(wide + i), b.store(wide + i + W), c.store(wide + i + 2 * W), d.store(wide + i + 3 * W);
@@ -165,13 +188,13 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
       m0 = vmax(m0, a), s0 += a;
       if constexpr (kWiden) a.store(wide + i);
     }
-    acc_t block_max = reduce_lanes(vmax(vmax(m0, m1), vmax(m2, m3)), smax);
+    acc_t block_max = std::max(reduce_lanes(vmax(vmax(m0, m1), vmax(m2, m3)), smax), pairs_max);
     acc_t block_sum = reduce_lanes((s0 + s1) + (s2 + s3), sadd);
+    if constexpr (kPairs) s0 = s1 = s2 = s3 = Vec(0);  // pass 2 sums the groups of U
     for (int64_t j = i; j < len; ++j) {
       const acc_t v = static_cast<acc_t>(x[j]);
       block_max = std::max(block_max, v), block_sum += v;
     }
-    logit_sum += block_sum;
     if constexpr (kStats) {
       // A strictly greater max moves the top-1 to its first occurrence in this block; an
       // equal one keeps the earlier index (argmax's first maximum). Rare after the first blocks.
@@ -188,12 +211,12 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
     Vec e0(0), e1(0), e2(0), e3(0), w0(0), w1(0), w2(0), w3(0), q0(0), q1(0), q2(0), q3(0);
     const auto fold = [&](const Vec& v, Vec& es, Vec& ws, Vec& qs) {
       if constexpr (avx512) {
-        // in base 2: t = (x - offset) log2 e, so ws is sum e t, w = ws ln 2 (masked: e = 0, t finite)
+        // in base 2: t = (x - offset) log2 e, so ws is sum e t, w = ws ln 2 (masked: e = 0, t clamped)
         const Vec t = exp2_arg(v, voffset);
         const Vec e = exp2(t);
         es += e;
         if constexpr (kStats) {
-          ws = at::vec::fmadd(e, t, ws);
+          ws = at::vec::fmadd(e, clamp_exp2_arg(t), ws);
           qs = at::vec::fmadd(e, e, qs);
         }
       } else {
@@ -213,12 +236,21 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
       for (int64_t b = i * int64_t(sizeof(scalar_t)); b < std::min((i + U) * int64_t(sizeof(scalar_t)), next_bytes); b += 64) {
         __builtin_prefetch(next + b, 0, 3);
       }
-      fold(load2(x, i), e0, w0, q0);
-      fold(load2(x, i + W), e1, w1, q1);
-      fold(load2(x, i + 2 * W), e2, w2, q2);
-      fold(load2(x, i + 3 * W), e3, w3, q3);
+      Vec a, b, c, d;
+      if constexpr (kWiden) {
+        a = load2(x, i), b = load2(x, i + W), c = load2(x, i + 2 * W), d = load2(x, i + 3 * W);
+      } else {
+        load_u(x, i, a, b, c, d);
+      }
+      if constexpr (kPairs) s0 += a, s1 += b, s2 += c, s3 += d;
+      fold(a, e0, w0, q0);
+      fold(b, e1, w1, q1);
+      fold(c, e2, w2, q2);
+      fold(d, e3, w3, q3);
     }
     for (; i + W <= len; i += W) fold(load2(x, i), e0, w0, q0);
+    if constexpr (kPairs) block_sum += reduce_lanes((s0 + s1) + (s2 + s3), sadd);
+    logit_sum += block_sum;
     acc_t block_exp = reduce_lanes((e0 + e1) + (e2 + e3), sadd);
     acc_t block_w = 0, block_q = 0;
     if constexpr (kStats) {

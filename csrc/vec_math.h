@@ -5,8 +5,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/bit_cast.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -109,30 +111,34 @@ inline Isa isa() {
 
 inline bool avx512_path() { return isa() != Isa::kGeneric; }
 
-// Exponents (base 2) below this give exactly 0 on the AVX-512 path; clamping to it (not to
-// -inf) keeps e * (x - m) of a masked entry 0 rather than 0 * -inf.
+// The statistics' sum e t clamps t = (x - m) log2 e below to this, so that a masked entry
+// (t = -inf, e = 0) adds 0 rather than 0 * -inf; every t below it has e = 0 exactly anyway.
 constexpr float kExp2Floor = -1500.f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
 #ifdef FASTDPO_AVX512_PATH
-// The exponent of exp(x - shift) in base 2, clamped below to kExp2Floor; NaN kept (vmaxps
-// returns its second operand when either is NaN). exp2_arg rounds x - shift first, so that
-// x == shift gives t = 0 and e = 1 exactly (a one-hot row's entropy is then exactly 0);
-// exp2_arg_fused takes shift_log2e = shift * log2 e, rounded once (a relative error of about
-// 1e-7 shared by the row's terms), and saves an instruction: for the backward.
+// The exponent of exp(x - shift) in base 2; -inf for a masked x, NaN kept. exp2_arg rounds
+// x - shift first, so that x == shift gives t = 0 and e = 1 exactly (a one-hot row's entropy is
+// then exactly 0); exp2_arg_fused takes shift_log2e = shift * log2 e, rounded once (a relative
+// error of about 1e-7 shared by the row's terms), and saves an instruction: for the backward.
 inline at::vec::Vectorized<float> exp2_arg(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& shift) {
-  return _mm512_max_ps(_mm512_set1_ps(kExp2Floor), _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(kLog2e)));
+  return _mm512_mul_ps(_mm512_sub_ps(x, shift), _mm512_set1_ps(kLog2e));
 }
 inline at::vec::Vectorized<float> exp2_arg_fused(const at::vec::Vectorized<float>& x,
                                                  const at::vec::Vectorized<float>& shift_log2e) {
-  return _mm512_max_ps(_mm512_set1_ps(kExp2Floor), _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2e), shift_log2e));
+  return _mm512_fmsub_ps(x, _mm512_set1_ps(kLog2e), shift_log2e);
+}
+inline at::vec::Vectorized<float> clamp_exp2_arg(const at::vec::Vectorized<float>& t) {
+  return _mm512_max_ps(_mm512_set1_ps(kExp2Floor), t);  // NaN kept: vmaxps returns its second operand
 }
 
-// scale * 2^t for t >= kExp2Floor: 2^t = 2^n * 2^f with n = round(t), f = t - n in [-1/2, 1/2],
-// 2^f by a degree-5 polynomial (a minimax fit of relative error 2e-7 with float32 rounding,
-// 10x below exp_u20's; its constant term is exactly 1, so 2^0 = 1) whose coefficients carry the
-// scale, 2^n by vscalefps, which gives exactly 0 below 2^-149. 8 instructions.
+// scale * 2^t: 2^t = 2^n * 2^f with n = round(t) (vrndscaleps), f = t - n in [-1/2, 1/2]
+// (vreduceps, which gives f = 0 for t = -inf, so 2^-inf = 2^-inf * 1 = 0 with no clamp), 2^f by
+// a degree-5 polynomial (a minimax fit of relative error 2e-7 with float32 rounding, 10x below
+// exp_u20's; its constant term is exactly 1, so 2^0 = 1) whose coefficients carry the scale,
+// 2^n by vscalefps, which gives exactly 0 below 2^-149. 8 instructions; n and f both come
+// straight from t, so they do not wait on each other.
 struct Exp2 {
   __m512 c[6];
   explicit Exp2(float scale = 1.f) {
@@ -146,7 +152,7 @@ struct Exp2 {
   }
   at::vec::Vectorized<float> operator()(const at::vec::Vectorized<float>& t) const {
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 p = _mm512_fmadd_ps(c[5], f, c[4]);
     p = _mm512_fmadd_ps(p, f, c[3]);
     p = _mm512_fmadd_ps(p, f, c[2]);
@@ -155,6 +161,38 @@ struct Exp2 {
     return _mm512_scalef_ps(p, n);
   }
 };
+
+// 32 bfloat16 at p (one 64-byte load) as two float32 vectors, in two instructions where
+// widening takes four: shifting each 32-bit lane left by 16 gives the even elements, clearing
+// its low half the odd ones. For sums and maxima, which do not care about the order.
+inline void load_bf16_pairs(const c10::BFloat16* p, at::vec::Vectorized<float>& even, at::vec::Vectorized<float>& odd) {
+  const __m512i r = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// The largest of n bfloat16 at p (n a multiple of 64), -inf for n = 0, without widening them:
+// bit patterns compared as signed 16-bit integers order the non-negative values as floats and
+// the negative ones backwards (a larger magnitude is a larger integer), so the maximum is the
+// integer max if that is non-negative, else the integer min. Two instructions per 32 values.
+// A NaN (as a positive pattern, above +inf) may come out as the maximum, never a wrong finite one.
+inline float bf16_max(const c10::BFloat16* p, int64_t n) {
+  if (n == 0) return -std::numeric_limits<float>::infinity();
+  __m512i hi0 = _mm512_set1_epi16(INT16_MIN), hi1 = hi0, lo0 = _mm512_set1_epi16(INT16_MAX), lo1 = lo0;
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m512i a = _mm512_loadu_si512(p + i), b = _mm512_loadu_si512(p + i + 32);
+    hi0 = _mm512_max_epi16(hi0, a), lo0 = _mm512_min_epi16(lo0, a);
+    hi1 = _mm512_max_epi16(hi1, b), lo1 = _mm512_min_epi16(lo1, b);
+  }
+  // widen each 16-bit lane's value to a 32-bit lane (both halves), then reduce those
+  const __m512i hi = _mm512_max_epi16(hi0, hi1), lo = _mm512_min_epi16(lo0, lo1);
+  const int32_t top = _mm512_reduce_max_epi32(
+      _mm512_max_epi32(_mm512_srai_epi32(hi, 16), _mm512_srai_epi32(_mm512_slli_epi32(hi, 16), 16)));
+  const int32_t bits = top >= 0 ? top
+                                : _mm512_reduce_min_epi32(_mm512_min_epi32(
+                                      _mm512_srai_epi32(lo, 16), _mm512_srai_epi32(_mm512_slli_epi32(lo, 16), 16)));
+  return c10::bit_cast<float>(static_cast<uint32_t>(static_cast<uint16_t>(bits)) << 16);
+}
 
 // max(a, b) in one instruction (at::vec::maximum adds two for NaN, which the kernels' sums
 // carry anyway).
@@ -194,6 +232,16 @@ inline at::vec::Vectorized<float> exp2_arg(const at::vec::Vectorized<float>& x, 
 }
 inline at::vec::Vectorized<float> exp2_arg_fused(const at::vec::Vectorized<float>& x, const at::vec::Vectorized<float>& s) {
   return x - s;
+}
+inline at::vec::Vectorized<float> clamp_exp2_arg(const at::vec::Vectorized<float>& t) { return t; }
+inline float bf16_max(const c10::BFloat16* p, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<float>(p[i]));
+  return m;
+}
+inline void load_bf16_pairs(const c10::BFloat16* p, at::vec::Vectorized<float>& even, at::vec::Vectorized<float>& odd) {
+  even = load_vec<c10::BFloat16, float>(p);
+  odd = load_vec<c10::BFloat16, float>(p + at::vec::Vectorized<float>::size());
 }
 struct Exp2 {
   explicit Exp2(float = 1.f) {}

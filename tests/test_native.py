@@ -253,8 +253,12 @@ def _assert_same_up_to_rounding(a, b):
         for i in (0, 1, 4, 5):  # token_logps, lse, entropy, log_sum_sq_probs
             torch.testing.assert_close(x[i], y[i], atol=2e-5, rtol=0)
         torch.testing.assert_close(x[2], y[2], atol=1e-4, rtol=0)  # sequence sums
-        for i in (3, 6, 7):  # logit sums, is_top1, mean logits: the same code on every path
-            assert torch.equal(x[i], y[i]), i
+        assert torch.equal(x[6], y[6])  # is_top1
+        for i in (3, 7):  # logit sums and mean logits: bfloat16 sums in another order on AVX-512
+            if dtype == torch.bfloat16:
+                torch.testing.assert_close(x[i], y[i], atol=0, rtol=1e-6)
+            else:
+                assert torch.equal(x[i], y[i]), i
         rtol, atol = GRAD_TOL[dtype]
         torch.testing.assert_close(x[8], y[8], rtol=rtol, atol=atol)
 
@@ -311,3 +315,53 @@ def test_streamed_gradient_equals_the_cached_one(dtype):
     assert torch.equal(streamed, one_at_a_time)
     ops.logps_backward_(logits, labels, lse, grad_rows, -100, True)
     assert torch.equal(logits, streamed)
+
+
+def _sign_pattern_rows(case, v, gen):
+    """Four bfloat16 rows of length v (one sequence, no shift) of one kind of value."""
+    if case == "all negative":  # a spread over 88: a max taken from the wrong end overflows exp
+        x = -torch.rand(4, v, generator=gen) * 199 - 1
+    elif case == "all positive":
+        x = torch.rand(4, v, generator=gen) * 199 + 1
+    elif case == "mixed":
+        x = torch.randn(4, v, generator=gen) * 60
+    elif case == "masked runs":  # -inf in runs, one row masked all but its last entry
+        x = -torch.rand(4, v, generator=gen) * 150
+        x[:2, : v // 2] = -torch.inf
+        x[3, :-1] = -torch.inf
+    elif case == "huge":  # up to half bfloat16's largest magnitude (so x - lse stays finite), both signs
+        x = torch.randn(4, v, generator=gen).sign() * 1.6e38 * torch.rand(4, v, generator=gen)
+    else:  # signed zeros and tiny values: the integer patterns straddle 0 and 0x8000
+        x = torch.randn(4, v, generator=gen) * 1e-30
+        x[:, ::3] = -0.0
+    x = x.to(torch.bfloat16)
+    for row, place in zip(x, (0, v - 1, v // 2, (37 * v) // 41)):  # the max in groups and tails
+        if torch.isfinite(row[place]):
+            row[place] = row[torch.isfinite(row)].max()
+    return x.unsqueeze(0)
+
+
+@pytest.mark.parametrize("case", ["all negative", "all positive", "mixed", "masked runs", "huge", "zeros"])
+def test_bfloat16_rows_of_every_sign_pattern_match_float64(case):
+    """The AVX-512 path takes a bfloat16 block's maximum by comparing bit patterns as 16-bit
+    integers, which orders negative values backwards (the integer max is the right answer only if
+    it is not negative, else the integer min): rows all negative, all positive, of both signs,
+    with -inf runs, near bfloat16's largest values and of signed zeros, at lengths that leave
+    every kind of tail after the groups of 64 and the 2048-element blocks, against float64."""
+    gen = torch.Generator().manual_seed(17)
+    for v in (1, 63, 64, 65, 127, 200, 2047, 2048, 2049, 4100):
+        logits = _sign_pattern_rows(case, v, gen)
+        labels = torch.full((1, 4), v - 1, dtype=torch.long)
+        logps, lse, _, logit_sums = ops.logps_forward(logits, labels, -100, False)
+        wide = logits.double()
+        expected_lse = wide.logsumexp(-1)
+        scale = expected_lse.abs().clamp(min=1)
+        torch.testing.assert_close(
+            lse.double() / scale, expected_lse / scale, atol=2e-6, rtol=0, msg=f"v={v}"
+        )
+        picked = wide[..., -1]
+        atol = 2e-7 * (picked.abs() + expected_lse.abs()).max() + 1e-6  # float32 rounding of x - lse
+        torch.testing.assert_close(logps.double(), picked - expected_lse, atol=atol, rtol=0, msg=f"v={v}")
+        if wide.isfinite().all() and wide.abs().sum() < 1e37:  # else float32 sums may overflow
+            sums = wide.sum((1, 2))
+            torch.testing.assert_close(logit_sums.double(), sums, atol=1e-6 * wide.abs().sum(), rtol=0)
