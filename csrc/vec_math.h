@@ -134,7 +134,7 @@ inline at::vec::Vectorized<float> clamp_exp2_arg(const at::vec::Vectorized<float
 }
 
 // scale * 2^t: 2^t = 2^n * 2^f with n = round(t) (vrndscaleps), f = t - n in [-1/2, 1/2]
-// (vreduceps, which gives f = 0 for t = -inf, so 2^-inf = 2^-inf * 1 = 0 with no clamp), 2^f by
+// (vreduceps, which gives f = 0 for t = -inf: then 2^n 2^f = 0 * 1 = 0 with no clamp), 2^f by
 // a degree-5 polynomial (a minimax fit of relative error 2e-7 with float32 rounding, 10x below
 // exp_u20's; its constant term is exactly 1, so 2^0 = 1) whose coefficients carry the scale,
 // 2^n by vscalefps, which gives exactly 0 below 2^-149. 8 instructions; n and f both come
