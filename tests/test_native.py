@@ -365,3 +365,19 @@ def test_bfloat16_rows_of_every_sign_pattern_match_float64(case):
         if wide.isfinite().all() and wide.abs().sum() < 1e37:  # else float32 sums may overflow
             sums = wide.sum((1, 2))
             torch.testing.assert_close(logit_sums.double(), sums, atol=1e-6 * wide.abs().sum(), rtol=0)
+
+
+def test_bfloat16_nan_anywhere_gives_nan():
+    """A NaN logit (either sign: as a bit pattern, +NaN sorts above +inf and -NaN among the
+    negatives) in a group of 64, in a tail or in a later block makes the row's log-sum-exp and
+    logit sum NaN, never a finite value."""
+    gen = torch.Generator().manual_seed(3)
+    for v in (100, 2100, 4100):
+        for place in (0, 70, v - 1):
+            for sign in (1.0, -1.0):
+                logits = torch.randn(1, 1, v, generator=gen).to(torch.bfloat16)
+                logits[0, 0, place] = sign * float("nan")
+                _, lse, _, logit_sums = ops.logps_forward(
+                    logits, torch.zeros(1, 1, dtype=torch.long), -100, False
+                )
+                assert lse.isnan().all() and logit_sums.isnan().all(), (v, place, sign)
