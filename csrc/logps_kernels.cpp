@@ -41,7 +41,6 @@ using fastdpo::bf16_max;
 using fastdpo::clamp_exp2_arg;
 using fastdpo::Exp2;
 using fastdpo::exp2_arg;
-using fastdpo::exp2_arg_fused;
 using fastdpo::kLn2;
 using fastdpo::kLog2e;
 using fastdpo::exp_offset;
@@ -363,12 +362,12 @@ void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr bool avx512 = kAvx512 && std::is_same_v<acc_t, float>;
-  const Vec vlse(lse), vneg_g(-gi), vlse_log2e(lse * static_cast<acc_t>(kLog2e));
+  const Vec vlse(lse), vneg_g(-gi);
   const Exp2 exp2, exp2_neg_g(static_cast<float>(-gi));  // the second's polynomial carries -g
   // -g * softmax
   const auto neg_g_softmax = [&](const Vec& v) {
     if constexpr (avx512) {
-      return exp2_neg_g(exp2_arg_fused(v, vlse_log2e));
+      return exp2_neg_g(exp2_arg(v, vlse));
     } else {
       return vexp(v - vlse) * vneg_g;
     }
@@ -377,7 +376,7 @@ void backward_row(const scalar_t* row, scalar_t* dst, int64_t V, int64_t y, acc_
   const Vec label(static_cast<acc_t>(row[y]));
   Vec label_softmax;
   if constexpr (avx512) {
-    label_softmax = exp2(exp2_arg_fused(label, vlse_log2e));
+    label_softmax = exp2(exp2_arg(label, vlse));
   } else {
     label_softmax = vexp(label - vlse);
   }
@@ -407,14 +406,14 @@ template <bool kStream>
 void backward_row_bf16(const c10::BFloat16* row, c10::BFloat16* dst, int64_t V, int64_t y, float lse, float gi) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
-  const Vec vlse_log2e(lse * kLog2e);
+  const Vec vlse(lse);
   const Exp2 exp2, exp2_neg_g(-gi);
   const Vec label(static_cast<float>(row[y]));
-  const float p_label = reduce_lanes(exp2(exp2_arg_fused(label, vlse_log2e)), [](float a, float) { return a; });
+  const float p_label = reduce_lanes(exp2(exp2_arg(label, vlse)), [](float a, float) { return a; });
   int64_t i = 0;
   for (; i + 2 * W <= V; i += 2 * W) {
-    const __m512 a = exp2_neg_g(exp2_arg_fused(load_vec<c10::BFloat16, float>(row + i), vlse_log2e));
-    const __m512 b = exp2_neg_g(exp2_arg_fused(load_vec<c10::BFloat16, float>(row + i + W), vlse_log2e));
+    const __m512 a = exp2_neg_g(exp2_arg(load_vec<c10::BFloat16, float>(row + i), vlse));
+    const __m512 b = exp2_neg_g(exp2_arg(load_vec<c10::BFloat16, float>(row + i + W), vlse));
     const __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // a is the low half
     if constexpr (kStream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), packed);

@@ -381,3 +381,28 @@ def test_bfloat16_nan_anywhere_gives_nan():
                     logits, torch.zeros(1, 1, dtype=torch.long), -100, False
                 )
                 assert lse.isnan().all() and logit_sums.isnan().all(), (v, place, sign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [1e3, 1e5, 1e7, 1e20, 3e38])
+def test_backward_softmax_stays_exact_at_huge_logits(dtype, offset):
+    """Logits far from 0 are legal: the backward's softmax exp(x - lse) is taken of x - lse, not
+    of x log2 e - lse log2 e, whose rounding of lse log2 e errs by about 4e-8 |lse| (0.3% of
+    the softmax at logits of 1e5, all of it at 3e38). Against float64 given the forward's lse."""
+    gen = torch.Generator().manual_seed(23)
+    logits = (torch.randn(2, 9, 300, generator=gen, dtype=torch.float64) * 3 + offset).to(dtype)
+    logits[:, :, 7] = torch.tensor(offset).to(dtype)  # near-ties at 1e7, a unique max beyond
+    labels = torch.randint(0, 300, (2, 9), generator=gen)
+    labels[:, 3] = 7
+    lse = ops.logps_forward(logits, labels, -100, True)[1]
+    grad_rows = torch.randn(lse.shape, generator=gen)
+    grad = ops.logps_backward(logits, labels, lse, grad_rows, -100, True)
+    wide = logits.double()[:, :-1]
+    softmax = (wide - lse.double().unsqueeze(-1)).exp()
+    onehot = torch.nn.functional.one_hot(labels[:, 1:], 300).double()
+    expected = grad_rows.double().unsqueeze(-1) * (onehot - softmax)
+    atol = 2e-6 if dtype == torch.float32 else 1e-2  # bfloat16: the gradient's own rounding
+    torch.testing.assert_close(
+        grad[:, :-1].double(), expected, atol=atol * grad_rows.abs().max().item(), rtol=0
+    )
+    assert (grad[:, -1] == 0).all()
