@@ -171,6 +171,33 @@ def test_large_logits_stay_finite(backend):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [1e20, 3e38])
+def test_gradients_at_huge_logits(backend, dtype, offset):
+    """Logits near the largest float32 / bfloat16 values are legal. Spaced by offset / 128, far
+    beyond exp's range, every row's softmax is one-hot at its unique maximum (ties below it), so
+    the token log-probs are the label's gap to the max and the gradient is g (onehot - that)."""
+    gen = torch.Generator().manual_seed(29)
+    n, t, v = 2, 6, 300
+    steps = torch.randint(1, 60, (n, t, v), generator=gen, dtype=torch.float64)
+    steps.view(-1, v)[torch.arange(n * t), torch.randint(0, v, (n * t,), generator=gen)] = 0
+    logits = (offset * (1 - steps / 128)).to(dtype)
+    labels = torch.randint(0, v, (n, t), generator=gen)
+    labels[:, 1::2] = steps[:, :-1].argmin(-1)[:, ::2]  # every other label is the max
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, backend=backend)
+    wide = logits.double()[:, :-1]
+    picked = wide.gather(-1, labels[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.token_logps.double(), picked - wide.amax(-1), rtol=1e-6, atol=0)
+    w = torch.randn(out.token_logps.shape, generator=gen)
+    (out.token_logps * w).sum().backward()
+    expected = ground_truth_grad(logits, labels, w)
+    assert torch.isfinite(x.grad).all()
+    rtol, atol = GRAD_TOL[dtype]  # bfloat16: the gradient's own rounding
+    assert_close_verbose(x.grad, expected, atol=atol, rtol=rtol, what="grad")
+
+
 def test_reference_is_the_float32_log_softmax_path():
     logits, labels = make_inputs(2, 6, 13)
     expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(
