@@ -42,7 +42,6 @@ using fastdpo::clamp_exp2_arg;
 using fastdpo::Exp2;
 using fastdpo::exp2_arg;
 using fastdpo::kLn2;
-using fastdpo::kLog2e;
 using fastdpo::exp_offset;
 using fastdpo::load_bf16_pairs;
 using fastdpo::load_vec;
