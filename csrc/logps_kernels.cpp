@@ -27,6 +27,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -292,6 +293,15 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
     run_sum = run_sum * rescale + block_exp;
     run_max = new_max;
   }
+  // A NaN logit: at::vec's exp_u20 (the generic path) clamps its argument with min/max, which
+  // turn NaN into e^88, so the sums need not be NaN. The logits' sum is NaN whenever the row
+  // holds a NaN (or both infinities): only then is the row scanned, and a NaN makes every
+  // result NaN, as the AVX-512 path's exp does by itself.
+  if (std::isnan(logit_sum) &&
+      std::any_of(row, row + V, [](scalar_t v) { return std::isnan(static_cast<acc_t>(v)); })) {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    return {nan, logit_sum, nan, nan, top1};
+  }
   RowForward<acc_t> out{run_max + std::log(run_sum), logit_sum, 0, 0, top1};
   if constexpr (kStats) {
     const acc_t log_s = std::log(run_sum);
@@ -464,6 +474,10 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
       }
       const int64_t i = n * g.Tout + t;
       const scalar_t* row = in + n * g.s0 + t * g.s1;
+      if (std::isnan(lse_in[i])) {  // a NaN logit in the row (see forward_row): g (onehot - NaN)
+        std::fill(dst, dst + g.V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+        continue;
+      }
 #ifdef FASTDPO_AVX512_PATH
       if constexpr (kBf16Ne && std::is_same_v<scalar_t, c10::BFloat16>) {
         backward_row_bf16<kStream>(row, dst, g.V, y, lse_in[i], g_in[i]);
