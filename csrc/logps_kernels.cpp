@@ -293,12 +293,15 @@ RowForward<acc_t> forward_row(const scalar_t* row, int64_t V, const scalar_t* ne
     run_sum = run_sum * rescale + block_exp;
     run_max = new_max;
   }
-  // A NaN logit: at::vec's exp_u20 (the generic path) clamps its argument with min/max, which
-  // turn NaN into e^88, so the sums need not be NaN. The logits' sum is NaN whenever the row
-  // holds a NaN (or both infinities): only then is the row scanned, and a NaN makes every
-  // result NaN, as the AVX-512 path's exp does by itself.
-  if (std::isnan(logit_sum) &&
-      std::any_of(row, row + V, [](scalar_t v) { return std::isnan(static_cast<acc_t>(v)); })) {
+  // A NaN or +inf logit makes every result NaN, as in log_softmax (x - max is NaN at a +inf) and
+  // on the AVX-512 path by itself; at::vec's exp_u20 (the generic path) clamps its argument
+  // with min/max, which turn NaN into e^88, so there the sums need not be NaN. The logits' sum
+  // is NaN or +inf whenever the row holds either: only then is the row scanned.
+  const auto nan_or_inf = [](scalar_t v) {
+    const acc_t x = static_cast<acc_t>(v);
+    return std::isnan(x) || x == kInf;
+  };
+  if ((std::isnan(logit_sum) || logit_sum == kInf) && std::any_of(row, row + V, nan_or_inf)) {
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     return {nan, logit_sum, nan, nan, top1};
   }
@@ -474,7 +477,7 @@ void backward_rows(const at::Tensor& logits, const at::Tensor& labels, const at:
       }
       const int64_t i = n * g.Tout + t;
       const scalar_t* row = in + n * g.s0 + t * g.s1;
-      if (std::isnan(lse_in[i])) {  // a NaN logit in the row (see forward_row): g (onehot - NaN)
+      if (std::isnan(lse_in[i])) {  // a NaN or +inf logit in the row (see forward_row)
         std::fill(dst, dst + g.V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
         continue;
       }

@@ -198,6 +198,34 @@ def test_gradients_at_huge_logits(backend, dtype, offset):
     assert_close_verbose(x.grad, expected, atol=atol, rtol=rtol, what="grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_nan_or_inf_logit_gives_nan_where_log_softmax_does(backend, dtype, value):
+    """One NaN or +inf logit (vocabulary 2100: past a 2048-element block) makes its row's token
+    log-prob and gradient NaN, as in the float32 log_softmax reference, and leaves every other
+    row exact; a row that scores nothing (ignored) stays 0 with a zero gradient."""
+    logits, labels = make_inputs(2, 5, 2100, dtype=dtype)
+    logits[0, 1, 2077] = value  # scores labels[0, 2]
+    logits[1, 3, 5] = value
+    labels[1, 4] = -100  # so row [1, 3] scores nothing
+    x = logits.clone().requires_grad_(True)
+    out = fused_logps(x, labels, backend=backend)
+    reference = naive_token_logps(logits, labels)
+    assert torch.equal(out.token_logps.isnan(), reference.isnan()) and reference.isnan().sum() == 1
+    exact = ground_truth_token_logps(logits, labels)
+    finite = ~reference.isnan()
+    assert_close_verbose(out.token_logps[finite], exact[finite], atol=LOGP_ATOL[dtype], what="token_logps")
+    out.token_logps.sum().backward()
+    assert x.grad[0, 1].isnan().all()
+    assert torch.equal(x.grad[1, 3], torch.zeros_like(x.grad[1, 3]))  # ignored: never read
+    rest = torch.ones(2, 5, dtype=torch.bool)
+    rest[0, 1] = rest[1, 3] = False
+    expected = ground_truth_grad(logits.masked_fill(~rest[..., None], 0), labels, torch.ones(2, 4))
+    rtol, atol = GRAD_TOL[dtype]
+    assert_close_verbose(x.grad[rest], expected[rest], atol=atol, rtol=rtol, what="grad")
+
+
 def test_reference_is_the_float32_log_softmax_path():
     logits, labels = make_inputs(2, 6, 13)
     expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(
