@@ -240,11 +240,14 @@ torch.save(out, sys.argv[1])
 """
 
 
-def _isa_outputs(isa, path):
+def _run_with_isa(isa, script, *args):
+    """Run a Python script in a fresh process with FASTDPO_NATIVE_ISA=isa (read once per process)."""
     env = dict(os.environ, FASTDPO_NATIVE_ISA=isa)
-    return subprocess.run(
-        [sys.executable, "-c", _ISA_OUTPUTS, str(path)], env=env, capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+
+
+def _isa_outputs(isa, path):
+    return _run_with_isa(isa, _ISA_OUTPUTS, str(path))
 
 
 def _assert_same_up_to_rounding(a, b):
@@ -396,8 +399,7 @@ def test_a_nan_logit_makes_its_row_nan(isa):
     and the generic one (what AVX2 builds run: at::vec's exp_u20 turns NaN into e^88, which
     made the generic log-sum-exp +inf and its gradient huge, until rows whose logit sum is NaN
     or +inf were checked for either)."""
-    env = dict(os.environ, FASTDPO_NATIVE_ISA=isa)
-    result = subprocess.run([sys.executable, "-c", _NAN_CHECK], env=env, capture_output=True, text=True)
+    result = _run_with_isa(isa, _NAN_CHECK)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", result.stdout
 
